@@ -1,0 +1,267 @@
+"""The Experiment 1 data set: built from a catalog and seeds, written to and read from paper-format files.
+
+Files in a data folder:
+  scenarios.csv                  scenario,question,attr1..5,attr1_min..5,attr1_max..5 (+ attr1_units..5)
+  instilled_weights.csv          scenario,attr1..attr5 (integers, largest |w| = 100)
+  instill_100_prefs.jsonl        training records {"messages": [system, user, assistant]}
+  instill_100_prefs_val.jsonl    validation records
+  instill_100_prefs_test.jsonl   held-out test records (seed 7)
+  test_trials.csv                the test trials' raw values: scenario,trial,A_attribute_1..5,B_attribute_1..5,target
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from selfinterp.atomic import write_text
+from selfinterp.catalog import N_ATTRIBUTES, Attribute, Scenario, apply_roles, load_catalog
+from selfinterp.errors import UserError
+from selfinterp.prompts import DECISION_PROMPT, SYSTEM_PROMPT, chat_messages
+from selfinterp.trials import (
+    TEST_SEED,
+    TRAIN_SEED,
+    WEIGHTS_SEED,
+    Trial,
+    draw_trials,
+    draw_weights,
+    load_roles,
+    trial_text,
+)
+
+SCENARIOS_CSV = "scenarios.csv"
+WEIGHTS_CSV = "instilled_weights.csv"
+TRAIN_JSONL = "instill_100_prefs.jsonl"
+VAL_JSONL = "instill_100_prefs_val.jsonl"
+TEST_JSONL = "instill_100_prefs_test.jsonl"
+TEST_CSV = "test_trials.csv"
+ATTRS = range(1, N_ATTRIBUTES + 1)
+A_COLS = [f"A_attribute_{i}" for i in ATTRS]
+B_COLS = [f"B_attribute_{i}" for i in ATTRS]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One chat example: system prompt, user message and the target answer letter."""
+
+    system: str
+    user: str
+    answer: str
+
+    def messages(self, with_answer: bool = True) -> list[dict[str, str]]:
+        return chat_messages(self.system, self.user, self.answer if with_answer else None)
+
+
+@dataclass
+class DecisionData:
+    """Everything Experiment 1 needs; ``test`` and ``test_trials`` are aligned row for row."""
+
+    scenarios: list[Scenario]
+    weights: list[list[int]]
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+    test_trials: list[Trial]
+
+
+def build_data(
+    n_scenarios: int = 100,
+    catalog: str | None = None,
+    roles: str | None = None,
+    system_prompt: str = SYSTEM_PROMPT,
+    decision_prompt: str = DECISION_PROMPT,
+    n_train: int = 50,
+    n_val: int = 10,
+    n_test: int = 50,
+    extra_train: int = 0,
+    weights_seed: int = WEIGHTS_SEED,
+    train_seed: int = TRAIN_SEED,
+    test_seed: int = TEST_SEED,
+) -> DecisionData:
+    """Generate the data set: weights (seed 1), train+val (seed 2), test (seed 7).
+
+    Per scenario, ``n_train + n_val`` trials are drawn from the seed-2 stream (the first
+    ``n_train`` train, the rest validate); ``extra_train`` more training trials per scenario
+    continue that stream afterwards, so the paper's records stay unchanged.
+    """
+    for name, value in [("n_scenarios", n_scenarios), ("n_train", n_train), ("n_test", n_test)]:
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if n_val < 0 or extra_train < 0:
+        raise UserError("n_val and extra_train must not be negative")
+    scenarios = load_catalog(catalog)
+    if n_scenarios > len(scenarios):
+        raise UserError(f"n_scenarios={n_scenarios} but the catalog has only {len(scenarios)} scenarios")
+    scenarios = scenarios[:n_scenarios]
+    if roles:
+        scenarios = apply_roles(scenarios, load_roles(roles))
+    weights = draw_weights(len(scenarios), weights_seed)
+    paper = draw_trials(scenarios, weights, n_train + n_val, train_seed)
+    extra = draw_trials(scenarios, weights, extra_train, None) if extra_train else [[] for _ in scenarios]
+    test = draw_trials(scenarios, weights, n_test, test_seed)
+    train_trials = [t for ts, more in zip(paper, extra) for t in ts[:n_train] + more]
+    val_trials = [t for ts in paper for t in ts[n_train:]]
+    test_trials = [t for ts in test for t in ts]
+    seen = {(t.scenario, t.a, t.b) for t in train_trials + val_trials}
+    clash = [t for t in test_trials if (t.scenario, t.a, t.b) in seen]
+    if clash:
+        raise RuntimeError(f"{len(clash)} test trials equal training trials; choose another test seed")
+
+    def records(trials: Sequence[Trial]) -> list[Record]:
+        return [Record(system_prompt, decision_prompt + trial_text(scenarios[t.scenario], t), t.label) for t in trials]
+
+    return DecisionData(scenarios, weights, records(train_trials), records(val_trials), records(test_trials), test_trials)
+
+
+def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _jsonl_text(records: Sequence[Record]) -> str:
+    return "".join(json.dumps({"messages": r.messages()}) + "\n" for r in records)
+
+
+def write_data(data: DecisionData, out: str | Path) -> list[Path]:
+    """Write every file of the data set into ``out`` (each atomically); return their paths."""
+    out = Path(out)
+    header = (
+        ["scenario", "question"]
+        + [f"attr{i}" for i in ATTRS]
+        + [f"attr{i}_min" for i in ATTRS]
+        + [f"attr{i}_max" for i in ATTRS]
+        + [f"attr{i}_units" for i in ATTRS]
+    )
+    rows = [
+        [k, s.question, *s.names, *(a.lo for a in s.attributes), *(a.hi for a in s.attributes),
+         *(a.units for a in s.attributes)]
+        for k, s in enumerate(data.scenarios)
+    ]
+    files = {
+        SCENARIOS_CSV: _csv_text(header, rows),
+        WEIGHTS_CSV: _csv_text(["scenario", *(f"attr{i}" for i in ATTRS)], [[k, *w] for k, w in enumerate(data.weights)]),
+        TRAIN_JSONL: _jsonl_text(data.train),
+        VAL_JSONL: _jsonl_text(data.val),
+        TEST_JSONL: _jsonl_text(data.test),
+        TEST_CSV: _csv_text(
+            ["scenario", "trial", *A_COLS, *B_COLS, "target"],
+            [[t.scenario, j, *t.a, *t.b, t.label] for j, t in enumerate(data.test_trials)],
+        ),
+    }
+    for name, text in files.items():
+        write_text(out / name, text)
+    return [out / name for name in files]
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; write the data folder with `python -m selfinterp data --out {path.parent}`")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+        return list(reader)
+
+
+def _number(value: str, where: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {value!r} is not a number") from None
+
+
+def read_scenarios(path: str | Path) -> list[Scenario]:
+    """Read ``scenarios.csv`` (paper layout; units columns optional), ordered by scenario index."""
+    path = Path(path)
+    cols = ["scenario", "question", *(f"attr{i}" for i in ATTRS), *(f"attr{i}_min" for i in ATTRS),
+            *(f"attr{i}_max" for i in ATTRS)]
+    scenarios = []
+    for n, row in enumerate(_read_csv(path, cols)):
+        where = f"{path}, row {n + 2}"
+        if _number(row["scenario"], where) != n:
+            raise UserError(f"{where}: scenarios must be numbered 0, 1, 2, ... in order")
+        attrs = tuple(
+            Attribute(row[f"attr{i}"], row.get(f"attr{i}_units") or "",
+                      _number(row[f"attr{i}_min"], where), _number(row[f"attr{i}_max"], where))
+            for i in ATTRS
+        )
+        if any(not a.lo < a.hi for a in attrs):
+            raise UserError(f"{where}: every attribute needs min < max")
+        scenarios.append(Scenario(f"scenario_{n}", row["question"], attrs))
+    return scenarios
+
+
+def read_weights(path: str | Path) -> list[list[int]]:
+    """Read ``instilled_weights.csv``, ordered by scenario index."""
+    path = Path(path)
+    rows = _read_csv(path, ["scenario", *(f"attr{i}" for i in ATTRS)])
+    return [[int(_number(r[f"attr{i}"], f"{path}, row {n + 2}")) for i in ATTRS] for n, r in enumerate(rows)]
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read a JSONL file of ``{"messages": [...]}`` chat examples whose last message is the answer."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; write the data folder with `python -m selfinterp data --out {path.parent}`")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                msgs = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                msgs = None
+            if not isinstance(msgs, list):
+                raise UserError(f'{where}: expected a JSON object {{"messages": [...]}}')
+            roles = [m.get("role") if isinstance(m, dict) else None for m in msgs]
+            if roles not in (["system", "user", "assistant"], ["user", "assistant"]):
+                raise UserError(f"{where}: messages must be [system,] user, assistant; got roles {roles}")
+            content = [m.get("content") for m in msgs]
+            if not all(isinstance(c, str) for c in content):
+                raise UserError(f"{where}: every message needs a string 'content'")
+            system = content[0] if len(content) == 3 else ""
+            records.append(Record(system, content[-2], content[-1]))
+    return records
+
+
+def read_test_trials(path: str | Path) -> list[Trial]:
+    """Read ``test_trials.csv``."""
+    path = Path(path)
+    rows = _read_csv(path, ["scenario", *A_COLS, *B_COLS, "target"])
+    trials = []
+    for n, r in enumerate(rows):
+        where = f"{path}, row {n + 2}"
+        if r["target"] not in ("A", "B"):
+            raise UserError(f"{where}: target must be A or B, got {r['target']!r}")
+        trials.append(Trial(int(_number(r["scenario"], where)), tuple(_number(r[c], where) for c in A_COLS),
+                            tuple(_number(r[c], where) for c in B_COLS), r["target"]))
+    return trials
+
+
+def read_data(folder: str | Path) -> DecisionData:
+    """Read a data folder written by :func:`write_data` (or the paper's files plus a test set)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} does not exist; create it with `python -m selfinterp data --out {folder}`")
+    scenarios = read_scenarios(folder / SCENARIOS_CSV)
+    weights = read_weights(folder / WEIGHTS_CSV)
+    if len(weights) != len(scenarios):
+        raise UserError(f"{folder}: {len(scenarios)} scenarios but {len(weights)} weight rows")
+    test, test_trials = read_records(folder / TEST_JSONL), read_test_trials(folder / TEST_CSV)
+    if len(test) != len(test_trials):
+        raise UserError(f"{folder}: {TEST_JSONL} has {len(test)} records but {TEST_CSV} has {len(test_trials)} rows")
+    bad = [t.scenario for t in test_trials if not 0 <= t.scenario < len(scenarios)]
+    if bad:
+        raise UserError(f"{folder}/{TEST_CSV}: scenario {bad[0]} is not in {SCENARIOS_CSV}")
+    val = read_records(folder / VAL_JSONL) if (folder / VAL_JSONL).is_file() else []
+    return DecisionData(scenarios, weights, read_records(folder / TRAIN_JSONL), val, test, test_trials)

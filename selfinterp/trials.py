@@ -1,0 +1,117 @@
+"""Seeded generation of target weights and decision trials (the paper's algorithm, exactly).
+
+All randomness is Python's ``random`` module, reseeded at each stage, so the authors' catalog
+and roles reproduce the authors' files record for record.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from selfinterp.catalog import N_ATTRIBUTES, Attribute, Scenario
+from selfinterp.errors import UserError
+
+WEIGHTS_SEED = 1
+TRAIN_SEED = 2
+TEST_SEED = 7
+ROLES_SEED = 0
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One choice between options A and B of a scenario, labelled by the target rule."""
+
+    scenario: int
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+    label: str  # "A" or "B"
+
+
+def load_roles(path: str | Path) -> list[str]:
+    """Read a roles CSV (no header: every row is a role) and shuffle it with seed 0."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"roles file {path} does not exist")
+    with path.open(newline="", encoding="utf-8") as f:
+        roles = [row[0] for row in csv.reader(f) if row]
+    if not roles:
+        raise UserError(f"roles file {path} has no rows")
+    random.seed(ROLES_SEED)
+    random.shuffle(roles)
+    return roles
+
+
+def draw_weights(n_scenarios: int, seed: int = WEIGHTS_SEED) -> list[list[int]]:
+    """Target weights: 5 uniform(-100, 100) draws per scenario, scaled so the largest |w| is 100."""
+    random.seed(seed)
+    weights = []
+    for _ in range(n_scenarios):
+        raw = [random.uniform(-100, 100) for _ in range(N_ATTRIBUTES)]
+        m = max(raw, key=abs)  # first on ties
+        sign = 1 if m > 0 else -1
+        weights.append([round(v * 100 * sign / m) for v in raw])
+    return weights
+
+
+def decimals(attr: Attribute) -> int:
+    """Decimal places an attribute's values are rounded to, from the width of its range."""
+    width = attr.hi - attr.lo
+    if width >= 5:
+        return 0
+    if width >= 1:
+        return 1
+    return abs(math.floor(math.log10(width))) + 1
+
+
+def draw_option(scenario: Scenario) -> tuple[float, ...]:
+    """One option's five values, each uniform on its range and rounded (uses the global stream)."""
+    return tuple(round(random.uniform(a.lo, a.hi), decimals(a)) for a in scenario.attributes)
+
+
+def utility(scenario: Scenario, weights: Sequence[float], values: Sequence[float]) -> float:
+    """Weighted sum of the range-normalised attribute values."""
+    return sum(w * (x - a.lo) / (a.hi - a.lo) for w, x, a in zip(weights, values, scenario.attributes))
+
+
+def target_choice(scenario: Scenario, weights: Sequence[float], a: Sequence[float], b: Sequence[float]) -> str:
+    """The target rule: "A" if A's utility is strictly higher, else "B" (ties go to B)."""
+    return "A" if utility(scenario, weights, a) > utility(scenario, weights, b) else "B"
+
+
+def draw_trials(
+    scenarios: Sequence[Scenario], weights: Sequence[Sequence[int]], per_scenario: int, seed: int | None
+) -> list[list[Trial]]:
+    """For each scenario in order, ``per_scenario`` trials (A's five values, then B's).
+
+    ``seed=None`` continues the current stream, which is how extra training trials follow the
+    paper's seed-2 draws without changing them.
+    """
+    if seed is not None:
+        random.seed(seed)
+    out = []
+    for i, (s, w) in enumerate(zip(scenarios, weights)):
+        trials = []
+        for _ in range(per_scenario):
+            a, b = draw_option(s), draw_option(s)
+            trials.append(Trial(i, a, b, target_choice(s, w, a, b)))
+        out.append(trials)
+    return out
+
+
+def format_value(value: float) -> str:
+    """A value as Python prints the rounded float (``67.0``, ``0.25``)."""
+    return str(value)
+
+
+def trial_text(scenario: Scenario, trial: Trial) -> str:
+    """The scenario question followed by both options' attribute lines."""
+
+    def lines(values: Sequence[float]) -> str:
+        return "\n".join(f"{a.name}: {format_value(v)} {a.units}" for a, v in zip(scenario.attributes, values))
+
+    return f"{scenario.question}\nA:\n" + lines(trial.a) + "\n\nB:\n" + lines(trial.b)
