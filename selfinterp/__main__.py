@@ -1,0 +1,65 @@
+"""``python -m selfinterp <command>``: Lightning subcommands plus the project's own commands."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from selfinterp.errors import UserError
+
+LIGHTNING = {"fit", "validate", "test", "verify"}
+USAGE = """usage: python -m selfinterp <command> [options]
+
+training (Lightning CLI; see `python -m selfinterp fit --help`):
+  fit        train with a config:          fit --config configs/quickstart.yaml
+  validate   validation loss + verification of a checkpoint
+  test       held-out loss + verification (alias: verify) of a checkpoint: test --config C --ckpt_path P
+
+tools (see `python -m selfinterp <command> --help`):
+  data       write the Experiment 1 data files
+  analyze    regression + recovery metrics from a decisions CSV
+  report     Markdown table of all runs under results/
+  export     save a trained adapter (and optionally a merged model)
+"""
+
+
+def _commands() -> dict[str, Callable[[Sequence[str]], object]]:
+    from jsonargparse import auto_cli
+
+    def wrap(func: Callable) -> Callable[[Sequence[str]], object]:
+        return lambda argv: auto_cli(func, args=list(argv), as_positional=False)
+
+    from selfinterp.analysis import analyze_command
+    from selfinterp.cli import export_main
+    from selfinterp.commands import data_command, report_command
+
+    return {"data": wrap(data_command), "analyze": wrap(analyze_command), "report": wrap(report_command),
+            "export": export_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch a command; user errors end with one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in LIGHTNING:
+            from selfinterp.cli import lightning_cli
+
+            lightning_cli(["test" if command == "verify" else command, *rest])
+            return 0
+        commands = _commands()
+        if command not in commands:
+            print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+        commands[command](rest)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Per-epoch verification: greedy held-out choices -> regression -> TensorBoard scalars and result files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import pandas as pd
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+
+from selfinterp.analysis import analyze, write_analysis
+from selfinterp.atomic import write_json
+from selfinterp.datamodule import prompt_text
+from selfinterp.dataset import A_COLS, B_COLS, DecisionData
+from selfinterp.plots import recovery_curve_figure, save_figure, weight_comparison_figure
+from selfinterp.scoring import Choice, score_prompts
+
+log = logging.getLogger(__name__)
+SCALARS = ["r", "agreement", "parse_failure", "mae", "rmse", "frac_A", "spearman", "mean_scenario_r"]
+
+
+def select_trials(data: DecisionData, n_scenarios: int | None, n_trials: int | None) -> list[int]:
+    """Indices of the test trials to verify: the first ``n_trials`` of each of the first ``n_scenarios``."""
+    seen: dict[int, int] = {}
+    keep = []
+    for i, t in enumerate(data.test_trials):
+        k = seen.get(t.scenario, 0)
+        seen[t.scenario] = k + 1
+        if (n_scenarios is None or t.scenario < n_scenarios) and (n_trials is None or k < n_trials):
+            keep.append(i)
+    return keep
+
+
+def decisions_frame(data: DecisionData, indices: list[int], choices: list[Choice]) -> pd.DataFrame:
+    """One row per verified trial: values, target, parsed choice, raw answer and P(B)."""
+    rows = []
+    per_scenario: dict[int, int] = {}
+    for i, c in zip(indices, choices):
+        t = data.test_trials[i]
+        k = per_scenario.get(t.scenario, 0)
+        per_scenario[t.scenario] = k + 1
+        rows.append({"scenario": t.scenario, "trial": k, **dict(zip(A_COLS, t.a)), **dict(zip(B_COLS, t.b)),
+                     "target": t.label, "selection": c.selection, "raw": c.raw, "p_b": round(c.p_b, 6)})
+    return pd.DataFrame(rows).sort_values(["scenario", "trial"], kind="stable").reset_index(drop=True)
+
+
+class VerificationCallback(Callback):
+    """Scores the held-out test trials greedily and recovers the weights, after every training epoch.
+
+    Also runs at the end of ``validate`` and ``test``. Writes ``<results_dir>/<run>/epoch_<k>/`` and
+    the run's ``summary.json`` and ``recovery_curve.png``; logs ``verify/*`` scalars per epoch.
+    """
+
+    def __init__(
+        self,
+        n_scenarios: int | None = None,
+        n_trials: int | None = None,
+        batch_size: int = 64,
+        verify_base: bool = True,
+        regression: Literal["paper", "mle"] = "paper",
+        min_valid: int = 10,
+        continue_tokens: int = 8,
+        results_dir: str = "results",
+        run_name: str | None = None,
+        every_n_epochs: int = 1,
+    ) -> None:
+        """
+        Args:
+            n_scenarios: Verify the first N scenarios only (default: all in the data).
+            n_trials: Verify the first N test trials of each scenario (default: all, 50 in the paper setting).
+            batch_size: Prompts per forward pass.
+            verify_base: Also verify the model before training (written as epoch 0).
+            regression: "paper" (MAP with intercept, the authors' spec) or "mle" (statsmodels Logit, no intercept).
+            min_valid: Scenarios with fewer valid answers get no weights.
+            continue_tokens: Greedy tokens to decode when the first token is not a clean A or B.
+            results_dir: Folder that holds one sub-folder per run.
+            run_name: The run's folder name (default: the logger's name/version_N).
+            every_n_epochs: Verify after every N-th training epoch (the last epoch is always verified).
+        """
+        super().__init__()
+        self.n_scenarios, self.n_trials, self.batch_size = n_scenarios, n_trials, batch_size
+        self.verify_base, self.regression, self.min_valid = verify_base, regression, min_valid
+        self.continue_tokens, self.results_dir, self.run_name = continue_tokens, results_dir, run_name
+        self.every_n_epochs = every_n_epochs
+        self.history: list[dict[str, Any]] = []
+
+    def run_dir(self, trainer: L.Trainer) -> Path:
+        if self.run_name:
+            return Path(self.results_dir) / self.run_name
+        logger = trainer.logger
+        if logger is None:
+            return Path(self.results_dir) / "run"
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return Path(self.results_dir) / logger.name / version
+
+    # Hooks -------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.history = []
+        if self.verify_base and trainer.current_epoch == 0 and not trainer.sanity_checking:
+            self.verify(trainer, pl_module, "epoch_0", 0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if epoch % self.every_n_epochs == 0 or last or trainer.fast_dev_run:
+            self.verify(trainer, pl_module, f"epoch_{epoch}", epoch)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self.verify(trainer, pl_module, "validate", trainer.current_epoch)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.verify(trainer, pl_module, "test", trainer.current_epoch)
+
+    # Work --------------------------------------------------------------------------------
+    def score(self, trainer: L.Trainer, pl_module: L.LightningModule, data: DecisionData) -> tuple[list[int], list[Choice]]:
+        """This rank's share of the selected test trials, scored; then every rank's, gathered."""
+        indices = select_trials(data, self.n_scenarios, self.n_trials)
+        mine = indices[trainer.global_rank::trainer.world_size]
+        tokenizer = pl_module.tokenizer
+        prompts = [prompt_text(tokenizer, data.test[i]) for i in mine]
+        was_training = pl_module.training
+        pl_module.eval()
+        with trainer.precision_plugin.forward_context():
+            choices = score_prompts(pl_module.causal_lm, tokenizer, prompts, self.batch_size, self.continue_tokens,
+                                    progress=trainer.is_global_zero)
+        pl_module.train(was_training)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, list(zip(mine, choices)))
+            pairs = sorted(p for part in gathered for p in part)
+            return [i for i, _ in pairs], [c for _, c in pairs]
+        return mine, choices
+
+    def verify(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, step: int) -> dict[str, Any] | None:
+        """Score, analyse, write and log; every rank scores, only rank 0 analyses and writes."""
+        data: DecisionData = trainer.datamodule.load_data()
+        indices, choices = self.score(trainer, pl_module, data)
+        if not trainer.is_global_zero:
+            return None
+        decisions = decisions_frame(data, indices, choices)
+        result = analyze(decisions, data.scenarios, data.weights, self.regression, self.min_valid)
+        run = self.run_dir(trainer)
+        write_analysis(result, run / tag, decisions)
+        metrics = result.metrics
+        self.history.append({"tag": tag, "epoch": step, **{k: metrics.get(k) for k in SCALARS},
+                             "p_value": metrics.get("p_value"), "r_ci95": metrics.get("r_ci95"),
+                             "r_per_attribute": metrics.get("r_per_attribute")})
+        self.write_summary(trainer, pl_module, run)
+        self.log_metrics(trainer, result, step)
+        log.info("%s: r=%s agreement=%s parse_failure=%s", tag, metrics.get("r"), metrics.get("agreement"),
+                 metrics.get("parse_failure"))
+        return metrics
+
+    def write_summary(self, trainer: L.Trainer, pl_module: L.LightningModule, run: Path) -> None:
+        hp = dict(pl_module.hparams)
+        summary = {
+            "model": hp.get("model"),
+            "n_params": sum(p.numel() for p in pl_module.parameters()),
+            "n_trainable": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "lora_r": None if hp.get("full_finetune") else hp.get("lora_r"),
+            "regression": self.regression,
+            "epochs": self.history,
+        }
+        write_json(run / "summary.json", summary)
+        curve = [h for h in self.history if h["tag"].startswith("epoch_")]
+        if curve:
+            fig = recovery_curve_figure([h["epoch"] for h in curve], [h["r"] for h in curve],
+                                        [h["agreement"] for h in curve])
+            save_figure(fig, run / "recovery_curve.png")
+
+    def log_metrics(self, trainer: L.Trainer, result, step: int) -> None:
+        m = result.metrics
+        scalars = {f"verify/{k}": float(m[k]) for k in SCALARS if m.get(k) is not None}
+        for k, r in enumerate(m.get("r_per_attribute") or [], 1):
+            if r is not None:
+                scalars[f"verify/r_attr{k}"] = float(r)
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            if isinstance(logger, TensorBoardLogger):
+                fig = weight_comparison_figure(result.learned.filter(like="b_attr").to_numpy(float), result.targets, m.get("r"))
+                logger.experiment.add_figure("verify/weight_comparison", fig, global_step=step, close=True)

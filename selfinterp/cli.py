@@ -1,0 +1,77 @@
+"""The Lightning CLI (fit / validate / test) and the commands built on its configs (export)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from selfinterp.datamodule import DecisionDataModule
+from selfinterp.errors import UserError
+from selfinterp.module import DecisionLM
+
+
+class SelfInterpCLI(LightningCLI):
+    """LightningCLI for DecisionLM + DecisionDataModule with this project's defaults."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The datamodule shards training batches across ranks itself (length-grouped batches).
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+
+def lightning_cli(args: Sequence[str], run: bool = True) -> SelfInterpCLI:
+    """Run (or, with ``run=False``, only instantiate) the Lightning CLI on ``args``."""
+    return SelfInterpCLI(
+        DecisionLM, DecisionDataModule, args=list(args), run=run,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def load_trained(args: Sequence[str], ckpt_path: str | None) -> SelfInterpCLI:
+    """Instantiate model, data and trainer from a config and load the trained weights of a checkpoint."""
+    cli = lightning_cli(args, run=False)
+    if ckpt_path:
+        if not Path(ckpt_path).is_file():
+            raise UserError(f"checkpoint {ckpt_path} does not exist")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        unexpected = cli.model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise UserError(f"{ckpt_path} does not fit this config's model (unexpected keys such as {unexpected[0]})")
+    return cli
+
+
+def export_main(argv: Sequence[str]) -> Path:
+    """``export --config C --ckpt_path P --out DIR [--merge]``: save the adapter (and a merged model)."""
+    parser = argparse.ArgumentParser(prog="python -m selfinterp export", description=(
+        "Save a trained adapter with save_pretrained (DIR/adapter) and, with --merge, the merged model "
+        "(DIR/merged). Other options (--config ...) are the training run's."))
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit (adapter weights)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--merge", action="store_true", help="also write the base model with the adapter merged in")
+    opts, rest = parser.parse_known_args(list(argv))
+    module = load_trained(rest, opts.ckpt_path).model
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        net = module.net
+        if hasattr(net, "peft_config"):
+            net.save_pretrained(tmp / "adapter")
+            module.tokenizer.save_pretrained(tmp / "adapter")
+        if opts.merge or not hasattr(net, "peft_config"):
+            merged = net.merge_and_unload() if hasattr(net, "peft_config") else net
+            merged.save_pretrained(tmp / "merged")
+            module.tokenizer.save_pretrained(tmp / "merged")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return out

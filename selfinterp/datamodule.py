@@ -1,0 +1,217 @@
+"""The LightningDataModule: decision records -> chat-formatted token ids with answer-only labels."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from selfinterp.dataset import DecisionData, Record, build_data, read_data
+from selfinterp.errors import UserError
+from selfinterp.prompts import DECISION_PROMPT, SYSTEM_PROMPT
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized example: prompt + answer ids and labels that are IGNORE on the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def prompt_text(tokenizer, record: Record) -> str:
+    """The chat-templated prompt up to and including the assistant generation prompt."""
+    return tokenizer.apply_chat_template(record.messages(with_answer=False), tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, record: Record, loss_on: Literal["answer", "letter"] = "answer") -> Encoded:
+    """Tokenize one record; labels cover the answer letter and the end-of-turn token only.
+
+    The completion is whatever the chat template appends after the generation prompt for the
+    assistant turn (e.g. ``A<|im_end|>\\n``), with trailing white space dropped. ``loss_on="letter"``
+    keeps only the first completion token (the letter).
+    """
+    prompt = prompt_text(tokenizer, record)
+    full = tokenizer.apply_chat_template(record.messages(), tokenize=False)
+    if not full.startswith(prompt):
+        raise UserError("the chat template renders the prompt differently with and without the answer; use another model")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
+    if loss_on == "letter":
+        labels = answer_ids[:1] + [IGNORE] * (len(answer_ids) - 1)
+    else:
+        labels = list(answer_ids)
+    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + labels)
+
+
+class EncodedDataset(Dataset):
+    """A list of encoded examples."""
+
+    def __init__(self, items: Sequence[Encoded]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Encoded:
+        return self.items[i]
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input ids with ``pad_id``, labels with IGNORE, attention mask 0 on padding."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class ShuffledBatchSampler(Sampler[list[int]]):
+    """Shuffled training batches, optionally of examples of similar length (less padding).
+
+    Each epoch (seeded by ``seed + epoch``): shuffle; with ``group_by_length``, cut into chunks of
+    ``batch_size * 32`` and sort each chunk by length; cut into batches; shuffle the batches.
+    Under DDP each rank takes every world-size-th batch (all ranks get the same number).
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, group_by_length: bool = True, seed: int = 0,
+        rank: int = 0, world: int = 1,
+    ) -> None:
+        self.lengths, self.batch_size, self.group = list(lengths), batch_size, group_by_length
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        chunk = self.batch_size * 32 if self.group else len(order)
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            if self.group:
+                part.sort(key=lambda i: self.lengths[i])
+            batches += [part[k:k + self.batch_size] for k in range(0, len(part), self.batch_size)]
+        rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.world if len(batches) >= self.world else len(batches)
+        return batches[:usable][self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class DecisionDataModule(L.LightningDataModule):
+    """Serves the Experiment 1 decision prompts for training, validation and verification."""
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        n_scenarios: int = 100,
+        catalog: str | None = None,
+        roles: str | None = None,
+        system_prompt: str = SYSTEM_PROMPT,
+        decision_prompt: str = DECISION_PROMPT,
+        n_train: int = 50,
+        n_val: int = 10,
+        n_test: int = 50,
+        extra_train: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        group_by_length: bool = True,
+        loss_on: Literal["answer", "letter"] = "answer",
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            data_dir: A folder written by ``python -m selfinterp data``; when unset, the data is
+                generated in memory from the arguments below (same algorithm, same seeds).
+            n_scenarios: How many scenarios of the catalog to use (from the start).
+            catalog: Scenario catalog JSON (default: the project's own).
+            roles: Optional roles CSV; scenario i becomes "Imagine you are <role i>. ...".
+            system_prompt: The system message of every prompt.
+            decision_prompt: The instruction placed right before the trial text in the user message.
+            n_train: Training trials per scenario (seed-2 stream, the paper's 50).
+            n_val: Validation trials per scenario (drawn after the training ones, the paper's 10).
+            n_test: Held-out test trials per scenario (seed 7) used for verification.
+            extra_train: More training trials per scenario, continuing the seed-2 stream.
+            batch_size: Training batch size per device.
+            eval_batch_size: Validation batch size per device.
+            group_by_length: Batch examples of similar length together (less padding).
+            loss_on: "answer" (letter + end-of-turn token) or "letter" (the letter only).
+            num_workers: DataLoader worker processes.
+            seed: Shuffling seed.
+        """
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise UserError("data.batch_size and data.eval_batch_size must be at least 1")
+        self.save_hyperparameters()
+        self.data: DecisionData | None = None
+        self.tokenizer = None
+
+    def load_data(self) -> DecisionData:
+        """The data set, read from ``data_dir`` or generated (once)."""
+        if self.data is None:
+            h = self.hparams
+            if h.data_dir:
+                self.data = read_data(h.data_dir)
+            else:
+                self.data = build_data(
+                    n_scenarios=h.n_scenarios, catalog=h.catalog, roles=h.roles, system_prompt=h.system_prompt,
+                    decision_prompt=h.decision_prompt, n_train=h.n_train, n_val=h.n_val, n_test=h.n_test,
+                    extra_train=h.extra_train,
+                )
+        return self.data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        data = self.load_data()
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val", "test"))
+        for split in needed:
+            records = getattr(data, split)
+            setattr(self, f"{split}_set", EncodedDataset([encode(self.tokenizer, r, self.hparams.loss_on) for r in records]))
+
+    def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        return collate(batch, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ShuffledBatchSampler(
+            [len(e.input_ids) for e in self.train_set.items], h.batch_size, h.group_by_length, h.seed, rank, world
+        )
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate, num_workers=h.num_workers)
+
+    def _eval_loader(self, dataset: EncodedDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.eval_batch_size, collate_fn=self._collate,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation records (``val/loss`` every epoch)."""
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out test records, teacher-forced (``test/loss``, ``test/letter_acc``)."""
+        return self._eval_loader(self.test_set)

@@ -1,0 +1,147 @@
+"""The LightningModule: a causal LM wrapped with PEFT LoRA, trained on the answer tokens only."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+
+from selfinterp.datamodule import IGNORE
+from selfinterp.errors import UserError
+from selfinterp.models import EMBEDDED, load_model, load_tokenizer
+
+
+class DecisionLM(L.LightningModule):
+    """Fine-tunes a chat LM (LoRA adapter or all weights) to answer decision prompts with A or B."""
+
+    def __init__(
+        self,
+        model: str = EMBEDDED,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        target_modules: str | list[str] = "all-linear",
+        use_rslora: bool = False,
+        full_finetune: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        warmup: float = 0.05,
+        decay: Literal["linear", "cosine", "constant"] = "linear",
+        base_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+    ) -> None:
+        """
+        Args:
+            model: "smollm2-135m" (the embedded model), a .gguf file, a local transformers folder,
+                or a hub id already in the local cache (nothing is downloaded).
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
+            lora_dropout: Dropout on the LoRA input.
+            target_modules: Modules that get adapters; "all-linear" is every linear projection but the output head.
+            use_rslora: Rank-stabilised LoRA scaling.
+            full_finetune: Train every weight instead of a LoRA adapter.
+            optimizer: Optimizer over the trainable parameters only (default AdamW, lr 2e-4, no weight decay).
+            warmup: Linear warm-up: a fraction of all steps when below 1, else a number of steps.
+            decay: Learning-rate shape after warm-up.
+            base_dtype: Dtype of the frozen base weights; "auto" is bfloat16 under bf16 precision on GPU, else float32.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.tokenizer = load_tokenizer(model)
+        net = load_model(model)
+        if full_finetune:
+            net.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                use_rslora=use_rslora, task_type="CAUSAL_LM",
+            )
+            try:
+                net = get_peft_model(net, config)
+            except ValueError as e:
+                raise UserError(f"model.target_modules={target_modules!r} does not fit {model}: {e}") from None
+        self.net = net
+        # Checkpoints hold the trainable weights only; the frozen base comes from `model`.
+        self.strict_loading = False
+
+    @property
+    def causal_lm(self) -> torch.nn.Module:
+        """The transformers causal LM (with LoRA layers injected when an adapter is used)."""
+        return self.net.get_base_model() if hasattr(self.net, "get_base_model") else self.net
+
+    def setup(self, stage: str) -> None:
+        dtype = self.hparams.base_dtype
+        if dtype == "auto":
+            on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+            dtype = "bfloat16" if on_gpu and str(self.trainer.precision).startswith("bf16") else "float32"
+        if dtype == "bfloat16":
+            for p in self.net.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+
+    def answer_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits at the labelled positions only, their targets, and which of them is a letter.
+
+        The output head runs only where a label follows (the answer tokens), not over the whole
+        sequence: for a small model the vocabulary projection is a large share of the work.
+        """
+        causal = self.causal_lm
+        hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE
+        logits = causal.get_output_embeddings()(hidden[:, :-1][mask]).float()
+        letter = (mask.cumsum(dim=1) == 1) & mask  # the first labelled token of each row
+        return logits, targets[mask], letter[mask]
+
+    def _step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+        logits, targets, letter = self.answer_logits(batch)
+        loss = F.cross_entropy(logits, targets)
+        letter_acc = (logits[letter].argmax(-1) == targets[letter]).float().mean()
+        n = int(batch["input_ids"].shape[0])
+        on_step = prefix == "train"
+        self.log(f"{prefix}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step, batch_size=n)
+        self.log(f"{prefix}/letter_acc", letter_acc, on_step=on_step, on_epoch=True, sync_dist=not on_step, batch_size=n)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+        else:
+            optimizer = self.optimizer_factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup
+        warm = int(warmup * total) if warmup < 1 else int(warmup)
+        decay = self.hparams.decay
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            if decay == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
