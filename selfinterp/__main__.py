@@ -39,6 +39,7 @@ def _commands() -> dict[str, Callable[[Sequence[str]], object]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch a command; user errors end with one line on stderr and exit status 2."""
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -48,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command in LIGHTNING:
             from selfinterp.cli import lightning_cli
 
-            lightning_cli(["test" if command == "verify" else command, *rest])
+            argv[0] = "test" if command == "verify" else command
+            if from_shell:
+                sys.argv[1] = argv[0]  # DDP re-launches the other ranks from sys.argv
+            lightning_cli(None if from_shell else argv)
             return 0
         commands = _commands()
         if command not in commands:

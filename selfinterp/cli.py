@@ -25,10 +25,14 @@ class SelfInterpCLI(LightningCLI):
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
 
-def lightning_cli(args: Sequence[str], run: bool = True) -> SelfInterpCLI:
-    """Run (or, with ``run=False``, only instantiate) the Lightning CLI on ``args``."""
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> SelfInterpCLI:
+    """Run (or, with ``run=False``, only instantiate) the Lightning CLI on ``args`` (default: sys.argv).
+
+    From the command line the arguments stay in ``sys.argv``: DDP re-launches the other ranks
+    from it.
+    """
     return SelfInterpCLI(
-        DecisionLM, DecisionDataModule, args=list(args), run=run,
+        DecisionLM, DecisionDataModule, args=None if args is None else list(args), run=run,
         save_config_kwargs={"overwrite": True},
     )
 
