@@ -89,21 +89,31 @@ class VerificationCallback(Callback):
         self.continue_tokens, self.results_dir, self.run_name = continue_tokens, results_dir, run_name
         self.every_n_epochs = every_n_epochs
         self.history: list[dict[str, Any]] = []
+        self.last_run_dir: str | None = None  # where the results of the latest verification went
 
     def run_dir(self, trainer: L.Trainer) -> Path:
         if self.run_name:
             return Path(self.results_dir) / self.run_name
         logger = trainer.logger
-        if logger is None:
+        if logger is None or not logger.name:  # no logger, or fast_dev_run's dummy one
             return Path(self.results_dir) / "run"
         version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
         return Path(self.results_dir) / logger.name / version
 
     # Hooks -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "run_dir": self.last_run_dir}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.history = []
-        if self.verify_base and trainer.current_epoch == 0 and not trainer.sanity_checking:
-            self.verify(trainer, pl_module, "epoch_0", 0)
+        # A resumed run (fit --ckpt_path) keeps the history restored from the checkpoint and
+        # does not verify the base model again.
+        if trainer.ckpt_path is None:
+            self.history = []
+            if self.verify_base:
+                self.verify(trainer, pl_module, "epoch_0", 0)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -147,6 +157,7 @@ class VerificationCallback(Callback):
         decisions = decisions_frame(data, indices, choices)
         result = analyze(decisions, data.scenarios, data.weights, self.regression, self.min_valid)
         run = self.run_dir(trainer)
+        self.last_run_dir = str(run)
         write_analysis(result, run / tag, decisions)
         metrics = result.metrics
         self.history.append({"tag": tag, "epoch": step, **{k: metrics.get(k) for k in SCALARS},
@@ -186,3 +197,10 @@ class VerificationCallback(Callback):
             if isinstance(logger, TensorBoardLogger):
                 fig = weight_comparison_figure(result.learned.filter(like="b_attr").to_numpy(float), result.targets, m.get("r"))
                 logger.experiment.add_figure("verify/weight_comparison", fig, global_step=step, close=True)
+
+
+def checkpoint_run_dir(ckpt_path: str | Path) -> Path | None:
+    """The results folder the verification callback wrote for the run a checkpoint belongs to, if any."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("callbacks", {})
+    dirs = [v.get("run_dir") for k, v in state.items() if k.startswith("VerificationCallback") and isinstance(v, dict)]
+    return Path(dirs[0]) if dirs and dirs[0] else None

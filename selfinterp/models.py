@@ -44,23 +44,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("SELFINTERP_CACHE", Path.home() / ".cache" / "selfinterp"))
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+def _file_key(path: Path) -> str:
+    """A cheap identity for a GGUF file (resolved path, size, modification time): no re-hashing per load."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def convert_gguf(path: Path) -> Path:
     """De-quantize a GGUF file once into a transformers folder under the cache; return that folder.
 
-    The conversion (~30 s for the embedded model) happens once per file content; the folder is
+    The conversion (~45 s for the embedded model) happens once per file (path, size, mtime); the folder is
     written under a temporary name and renamed, so an interrupted conversion leaves nothing behind.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_root() / f"{path.stem}-{_file_digest(path)}"
+    target = cache_root() / f"{path.stem}-{_file_key(path)}"
     if (target / "config.json").is_file():
         return target
     log.warning("converting %s into %s (once; later loads are fast)", path, target)
@@ -77,6 +75,8 @@ def convert_gguf(path: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
     except OSError as e:
+        if (target / "config.json").is_file():  # another process converted it first
+            return target
         raise UserError(f"could not convert {path}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

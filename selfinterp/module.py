@@ -65,7 +65,9 @@ class DecisionLM(L.LightningModule):
                 net = get_peft_model(net, config)
             except ValueError as e:
                 raise UserError(f"model.target_modules={target_modules!r} does not fit {model}: {e}") from None
-        self.net = net
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without this,
+        # dropout (lora_dropout) would be off in training unless something switched modes first.
+        self.net = net.train()
         # Checkpoints hold the trainable weights only; the frozen base comes from `model`.
         self.strict_loading = False
 

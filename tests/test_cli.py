@@ -1,0 +1,256 @@
+"""Behaviour of the command line: configs, checkpoints and resuming, export, and errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, TINY_CONFIG, scalars
+from selfinterp.__main__ import main
+from selfinterp.cli import SelfInterpCLI, load_trained
+from selfinterp.datamodule import DecisionDataModule, encode
+from selfinterp.dataset import TEST_JSONL, TRAIN_JSONL, Record
+from selfinterp.models import load_tokenizer
+from selfinterp.module import DecisionLM
+
+CONFIGS = ROOT / "configs"
+TOP_LEVEL = {"seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path"}
+
+
+# --- configs ------------------------------------------------------------------------------------
+class ParseOnlyCLI(SelfInterpCLI):
+    """The project's CLI parser, without instantiating the model, data or trainer, nor running."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse(*args: str):
+    """Parse ``fit`` arguments as the CLI does; jsonargparse errors raise instead of exiting."""
+    cli = ParseOnlyCLI(DecisionLM, DecisionDataModule, args=["fit", *args], parser_kwargs={"exit_on_error": False})
+    return cli.config["fit"]
+
+
+def _config_files() -> list[Path]:
+    return sorted(CONFIGS.rglob("*.yaml"))
+
+
+def _parse_args(path: Path) -> list[str]:
+    """Standalone configs parse alone; files in sub-folders compose with the quickstart: an overlay
+    (top-level keys such as ``trainer:``) as a second ``--config``, a section (the keys of one
+    argument group, e.g. ``configs/data/*.yaml``) as ``--<folder> file``."""
+    if path.parent == CONFIGS:
+        return ["--config", str(path)]
+    keys = set(yaml.safe_load(path.read_text()) or {})
+    quickstart = ["--config", str(CONFIGS / "quickstart.yaml")]
+    if keys <= TOP_LEVEL:
+        return quickstart + ["--config", str(path)]
+    return quickstart + [f"--{path.parent.name}", str(path)]
+
+
+def test_there_are_configs_to_check():
+    names = {p.relative_to(CONFIGS).as_posix() for p in _config_files()}
+    assert {"quickstart.yaml", "trainer/cpu.yaml", "trainer/ddp.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", _config_files(), ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_every_config_parses(path):
+    config = parse(*_parse_args(path))
+    callbacks = [c.class_path for c in config.trainer.callbacks or []]
+    assert "selfinterp.callbacks.VerificationCallback" in callbacks
+    assert config.data.n_scenarios >= 1 and config.model.model
+    if path.parent.name == "trainer":  # the overlay's values win over the quickstart's
+        overlay = yaml.safe_load(path.read_text())["trainer"]
+        assert {k: config.trainer[k] for k in overlay} == overlay
+
+
+def test_quickstart_values_are_what_it_says():
+    config = parse("--config", str(CONFIGS / "quickstart.yaml"))
+    assert (config.model.model, config.data.n_scenarios, config.trainer.max_epochs) == ("smollm2-135m", 4, 1)
+    assert config.trainer.use_distributed_sampler is False  # the datamodule shards batches itself
+
+
+def test_config_with_an_unknown_key_fails_to_parse(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epoch: 1\n")
+    with pytest.raises(Exception, match="max_epoch"):
+        parse("--config", str(bad))
+    section = tmp_path / "data.yaml"
+    section.write_text("n_scenario: 3\n")
+    with pytest.raises(Exception, match="n_scenario"):
+        parse("--config", str(CONFIGS / "quickstart.yaml"), "--data", str(section))
+
+
+# --- bad input --------------------------------------------------------------------------------
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _fit(model_dir, *extra: str) -> list[str]:
+    return ["fit", "--config", str(TINY_CONFIG), f"--model.model={model_dir}", *extra]
+
+
+def test_missing_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tmp_path / "nope.yaml")])
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "nope.yaml" in line and "does not exist" in line
+
+
+def test_config_with_unknown_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  lora_rank: 8\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad)])
+    assert exit_info.value.code == 2
+    assert "lora_rank" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("/no/such/model", "model path /no/such/model does not exist"),
+    ("./missing-model.gguf", "model file ./missing-model.gguf does not exist"),
+    ("meta-llama/Llama-3.2-1B-Instruct", "'meta-llama/Llama-3.2-1B-Instruct' is not available offline"),
+])
+def test_unavailable_model(tmp_path, monkeypatch, capsys, model, expected):
+    monkeypatch.chdir(tmp_path)
+    _offline_cache(monkeypatch, tmp_path / "hub")  # an empty cache
+    assert main(_fit(model)) == 2
+    assert expected in _one_error_line(capsys.readouterr().err)
+
+
+def _offline_cache(monkeypatch, cache: Path) -> Path:
+    from huggingface_hub import constants
+
+    cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_cached_hub_id_loads_offline(tmp_path, monkeypatch, tiny_model_dir):
+    cache = _offline_cache(monkeypatch, tmp_path / "hub")
+    repo = cache / "models--selfinterp-tests--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    module = DecisionLM(model="selfinterp-tests/tiny", lora_r=4, lora_alpha=8)
+    assert module.causal_lm.config.hidden_size == 32
+    assert module.tokenizer.convert_tokens_to_ids("<|im_end|>") == module.tokenizer.pad_token_id
+
+
+def test_model_folder_without_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert main(_fit(tmp_path / "empty")) == 2
+    assert "without config.json" in _one_error_line(capsys.readouterr().err)
+
+
+def _data_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "data"
+    assert main(["data", "--out", str(out), "--n_scenarios", "2", "--n_train", "2", "--n_val", "1",
+                 "--n_test", "2"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name, line, expected", [
+    (TRAIN_JSONL, '{"prompt": "Which?", "completion": "A"}', 'line 1: expected a JSON object {"messages": [...]}'),
+    (TEST_JSONL, '{"messages": [{"role": "user", "content": "Which?"}]}', "line 1: messages must be [system,] user"),
+    (TRAIN_JSONL, "not json", "line 1: expected a JSON object"),
+])
+def test_data_with_wrong_schema(tmp_path, monkeypatch, capsys, tiny_model_dir, name, line, expected):
+    monkeypatch.chdir(tmp_path)
+    data = _data_dir(tmp_path)
+    (data / name).write_text(line + "\n")
+    capsys.readouterr()
+    assert main(_fit(tiny_model_dir, f"--data.data_dir={data}")) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert name in error and expected in error
+
+
+def test_missing_data_dir(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit(tiny_model_dir, f"--data.data_dir={tmp_path / 'nowhere'}")) == 2
+    assert "data folder" in _one_error_line(capsys.readouterr().err)
+
+
+def test_export_of_a_missing_checkpoint(tmp_path, capsys, tiny_model_dir):
+    args = ["export", "--config", str(TINY_CONFIG), f"--model.model={tiny_model_dir}",
+            "--ckpt_path", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "none.ckpt does not exist" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_command(capsys):
+    assert main(["train"]) == 2
+    assert "'train'" in _one_error_line(capsys.readouterr().err)
+
+
+# --- checkpoints, resuming and export ---------------------------------------------------------
+def test_resume_from_last_checkpoint_continues_the_run(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    args = _fit(tiny_model_dir)
+    assert main(args) == 0
+    ckpt = tmp_path / "lightning_logs" / "tiny" / "checkpoints" / "last.ckpt"
+    first = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert first["global_step"] == 3  # 12 training records, batches of 4
+    run0, run1 = tmp_path / "results" / "tiny" / "version_0", tmp_path / "results" / "tiny" / "version_1"
+    base_result = run0 / "epoch_0" / "experiment1_results.json"
+    stamp = base_result.stat().st_mtime_ns
+
+    # No version pinned: `last` is found in the config's fixed checkpoint folder.
+    assert main(args + ["--ckpt_path=last", "--trainer.max_epochs=2"]) == 0
+    second = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert (second["epoch"], second["global_step"]) == (first["epoch"] + 1, 6)
+    assert all(not torch.equal(second["state_dict"][k], v) for k, v in first["state_dict"].items() if "lora_B" in k)
+    assert {p.name for p in run0.iterdir()} == {"epoch_0", "epoch_1", "summary.json", "recovery_curve.png"}
+    assert {p.name for p in run1.iterdir()} == {"epoch_2", "summary.json", "recovery_curve.png"}
+    assert base_result.stat().st_mtime_ns == stamp  # the base model was not verified again
+    summary = json.loads((run1 / "summary.json").read_text())
+    assert [(e["tag"], e["epoch"]) for e in summary["epochs"]] == [("epoch_0", 0), ("epoch_1", 1), ("epoch_2", 2)]
+    logged = scalars(tmp_path / "lightning_logs" / "tiny" / "version_1")
+    assert [step for step, _ in logged["verify/parse_failure"]] == [2]
+    # The checkpoint knows which results folder its run wrote (report-weights finds the learned weights there).
+    from selfinterp.callbacks import checkpoint_run_dir
+
+    assert checkpoint_run_dir(ckpt) == Path("results") / "tiny" / "version_1"
+
+
+def test_export_writes_adapter_and_merged_model(tmp_path, monkeypatch, tiny_model_dir):
+    from peft import PeftModel
+
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(TINY_CONFIG), f"--model.model={tiny_model_dir}"]
+    assert main(["fit", *config, "--model.optimizer.init_args.lr=0.05"]) == 0
+    ckpt = tmp_path / "lightning_logs" / "tiny" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "export"
+    assert main(["export", *config, "--ckpt_path", str(ckpt), "--out", str(out), "--merge"]) == 0
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
+    assert (out / "merged" / "config.json").is_file()
+
+    trained = load_trained(config, str(ckpt)).model.eval()
+    tokenizer = load_tokenizer(str(out / "merged"))  # the merged folder is usable as model.model
+    ids = torch.tensor([encode(tokenizer, Record("Choose.", "Which?\nA: 1\nB: 2", "A")).input_ids])
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        expected = trained.net(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+        assert torch.allclose(adapter.eval()(input_ids=ids).logits, expected, atol=1e-4)
+        assert (base(input_ids=ids).logits - expected).abs().max() > 1e-3  # training changed the model

@@ -1,0 +1,248 @@
+"""Behaviour of the training system: answer-only labels, batching, the LoRA module and its loss."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import A_ID, B_ID, IM_END_ID
+from selfinterp.datamodule import (
+    IGNORE,
+    DecisionDataModule,
+    Encoded,
+    ShuffledBatchSampler,
+    collate,
+    encode,
+    prompt_text,
+)
+from selfinterp.dataset import Record
+from selfinterp.module import DecisionLM
+
+RECORD_B = Record("You choose.", "Which is better?\nA: 1\nB: 2", "B")
+RECORD_A = Record("You choose.", "Which is better, the first or the second? A or B", "A")
+
+
+# --- labels ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("record, letter", [(RECORD_B, B_ID), (RECORD_A, A_ID)])
+def test_encode_labels_cover_only_the_answer_and_end_of_turn(tokenizer, record, letter):
+    prompt_ids = tokenizer(prompt_text(tokenizer, record), add_special_tokens=False)["input_ids"]
+    enc = encode(tokenizer, record)
+    assert enc.input_ids == prompt_ids + [letter, IM_END_ID]
+    assert enc.labels == [IGNORE] * len(prompt_ids) + [letter, IM_END_ID]
+    assert sum(label != IGNORE for label in enc.labels) == 2
+    # The prompt is the chat template up to the assistant turn.
+    assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_encode_letter_only_keeps_the_letter(tokenizer):
+    answer = encode(tokenizer, RECORD_B, loss_on="answer")
+    letter = encode(tokenizer, RECORD_B, loss_on="letter")
+    assert letter.input_ids == answer.input_ids
+    assert letter.labels[-2:] == [B_ID, IGNORE]
+    assert [label for label in letter.labels if label != IGNORE] == [B_ID]
+
+
+def test_collate_right_pads_with_pad_id_ignored_labels_and_zero_mask():
+    batch = [Encoded([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8]), Encoded([9, 10], [IGNORE, 10])]
+    out = collate(batch, pad_id=2)
+    assert torch.equal(out["input_ids"], torch.tensor([[5, 6, 7, 8], [9, 10, 2, 2]]))
+    assert torch.equal(out["labels"], torch.tensor([[IGNORE, IGNORE, 7, 8], [IGNORE, 10, IGNORE, IGNORE]]))
+    assert torch.equal(out["attention_mask"], torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert all(t.dtype == torch.long for t in out.values())
+
+
+def test_collate_of_real_records_keeps_each_answer_at_its_own_end(tokenizer):
+    encs = [encode(tokenizer, RECORD_A), encode(tokenizer, RECORD_B)]
+    out = collate(encs, tokenizer.pad_token_id)
+    lengths = out["attention_mask"].sum(1).tolist()
+    assert lengths == [len(e.input_ids) for e in encs] and lengths[0] != lengths[1]
+    for row, (e, n) in enumerate(zip(encs, lengths)):
+        assert out["labels"][row, n - 2:n].tolist() == e.labels[-2:]
+        assert (out["labels"][row, n:] == IGNORE).all()
+
+
+# --- sampler --------------------------------------------------------------------------------
+LENGTHS = [(i * 37) % 101 + 5 for i in range(53)]
+
+
+def _flat(batches):
+    return [i for b in batches for i in b]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_sampler_yields_every_index_once_per_epoch(group):
+    sampler = ShuffledBatchSampler(LENGTHS, batch_size=4, group_by_length=group, seed=3)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(_flat(batches)) == list(range(len(LENGTHS)))
+        assert len(batches) == len(sampler) == 14
+        assert sum(len(b) < 4 for b in batches) == 1  # 53 = 13 * 4 + 1
+
+
+def test_sampler_splits_batches_across_two_ranks_disjointly():
+    ranks = [ShuffledBatchSampler(LENGTHS, batch_size=4, seed=3, rank=r, world=2) for r in (0, 1)]
+    for epoch in (0, 1):
+        for s in ranks:
+            s.set_epoch(epoch)
+        b0, b1 = list(ranks[0]), list(ranks[1])
+        assert len(b0) == len(b1) == len(ranks[0]) == len(ranks[1]) == 7  # 14 batches, evenly
+        assert not set(_flat(b0)) & set(_flat(b1))
+        assert len(set(_flat(b0))) == len(_flat(b0))
+
+
+def _padding(batches):
+    return sum(max(LENGTHS[i] for i in b) * len(b) - sum(LENGTHS[i] for i in b) for b in batches)
+
+
+def test_grouping_by_length_reduces_padding():
+    grouped = list(ShuffledBatchSampler(LENGTHS, batch_size=4, group_by_length=True, seed=3))
+    plain = list(ShuffledBatchSampler(LENGTHS, batch_size=4, group_by_length=False, seed=3))
+    assert _padding(grouped) < _padding(plain) / 3
+
+
+def test_sampler_order_depends_on_epoch_only():
+    a, b = ShuffledBatchSampler(LENGTHS, 4, seed=3), ShuffledBatchSampler(LENGTHS, 4, seed=3)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    assert list(a) == list(b) == list(a)
+    b.set_epoch(2)
+    assert list(a) != list(b)
+
+
+# --- the module -----------------------------------------------------------------------------
+def _module(model_dir, **kwargs) -> DecisionLM:
+    return DecisionLM(model=str(model_dir), lora_r=4, lora_alpha=8, **kwargs)
+
+
+def _datamodule(module: DecisionLM, **kwargs) -> DecisionDataModule:
+    dm = DecisionDataModule(n_scenarios=2, **{"n_train": 4, "n_val": 1, "n_test": 5, "batch_size": 4, **kwargs})
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    return dm
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        **kwargs,
+    )
+
+
+def test_only_lora_weights_are_trainable(tiny_model_dir):
+    module = _module(tiny_model_dir)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    # q, k, v, o, gate, up, down in each of 2 layers, lora_A and lora_B each; not the output head.
+    assert len(trainable) == 2 * 7 * 2
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert not any("lm_head" in n or "embed_tokens" in n for n in trainable)
+
+
+def test_full_finetune_trains_every_weight(tiny_model_dir):
+    module = _module(tiny_model_dir, full_finetune=True)
+    params = list(module.named_parameters())
+    assert params and all(p.requires_grad for _, p in params)
+    assert not any("lora_" in n for n, _ in params)
+    assert set(module.trainable_state_dict()) == {n for n, _ in params}
+
+
+def test_training_changes_lora_weights_and_no_base_weight(tiny_model_dir, tmp_path):
+    module = _module(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    dm = DecisionDataModule(n_scenarios=2, n_train=4, n_val=1, n_test=5, batch_size=4)
+    trainer = _trainer(max_steps=3)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 3
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+
+    # The checkpoint holds the adapter only, and it restores the trained model.
+    path = tmp_path / "adapter.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert set(state) == {n for n, p in module.named_parameters() if p.requires_grad}
+    assert all("lora_" in k for k in state)
+    fresh = _module(tiny_model_dir)
+    assert not fresh.load_state_dict(state, strict=False).unexpected_keys
+    batch = collate(dm.train_set.items[:4], dm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(fresh.answer_logits(batch)[0], module.answer_logits(batch)[0], atol=1e-6)
+        assert not torch.allclose(_module(tiny_model_dir).answer_logits(batch)[0], module.answer_logits(batch)[0],
+                                  atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_on", ["answer", "letter"])
+def test_answer_logits_loss_equals_the_full_forward_loss(tiny_model_dir, loss_on):
+    module = _module(tiny_model_dir)
+    with torch.no_grad():  # a non-zero adapter, so the LoRA path counts
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    module.eval()
+    dm = _datamodule(module, loss_on=loss_on)
+    batch = collate(dm.train_set.items, dm.tokenizer.pad_token_id)
+    assert (batch["attention_mask"] == 0).any(), "the batch should contain right padding"
+    with torch.no_grad():
+        logits, targets, letter = module.answer_logits(batch)
+        fast = F.cross_entropy(logits, targets)
+        naive = module.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).loss
+        plain = module.causal_lm.__class__.from_pretrained(str(tiny_model_dir))
+        base = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert abs(fast.item() - naive.item()) < 1e-5
+    assert abs(fast.item() - base.item()) > 1e-3  # the adapter changes the loss
+    answers = [{"A": A_ID, "B": B_ID}[r.answer] for r in dm.data.train]
+    assert targets[letter].tolist() == answers
+    per_row = 2 if loss_on == "answer" else 1
+    assert len(targets) == per_row * len(answers)
+    assert targets[~letter].tolist() == [IM_END_ID] * (len(targets) - len(answers))
+
+
+def test_learning_rate_schedule(tiny_model_dir):
+    module = _module(tiny_model_dir, warmup=0.1, decay="linear")
+    module._trainer = SimpleNamespace(estimated_stepping_batches=20)
+
+    def lrs(m: DecisionLM, steps: int) -> list[float]:
+        conf = m.configure_optimizers()
+        opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+        assert conf["lr_scheduler"]["interval"] == "step"
+        assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    lr = lrs(module, 20)
+    assert lr[:3] == pytest.approx([2e-4 / 3, 2 * 2e-4 / 3, 2e-4])  # 2 warm-up steps
+    assert lr[2:] == pytest.approx([2e-4 * (1 - k / 18) for k in range(18)])
+    module.hparams.decay, module.hparams.warmup = "cosine", 0
+    cosine = lrs(module, 20)
+    assert cosine[0] == pytest.approx(2e-4) and cosine[10] == pytest.approx(1e-4) and min(cosine) > 0
+    module.hparams.decay, module.hparams.warmup = "constant", 4  # warm-up given in steps
+    constant = lrs(module, 20)
+    assert constant[:4] == pytest.approx([2e-4 * k / 5 for k in range(1, 5)])
+    assert constant[4:] == pytest.approx([2e-4] * 16)
+
+
+def test_module_starts_in_train_mode_so_lora_dropout_is_active(tiny_model_dir):
+    module = _module(tiny_model_dir, lora_dropout=0.5)
+    assert all(m.training for m in module.modules())
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        batch = collate(_datamodule(module).train_set.items[:2], module.tokenizer.pad_token_id)
+        first, second = module.answer_logits(batch)[0], module.answer_logits(batch)[0]
+        assert not torch.allclose(first, second)
+        module.eval()
+        assert torch.equal(module.answer_logits(batch)[0], module.answer_logits(batch)[0])
