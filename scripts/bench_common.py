@@ -1,0 +1,84 @@
+"""Helpers shared by ``bench_train.py`` and ``bench_verify.py`` (device, peak FLOP/s, memory, table)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/bench_*.py` from anywhere, without installing
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s) of the cards MFU is computed against when --peak_tflops is unset.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float | None, str]:
+    """The peak FLOP/s that MFU is computed against, and where it came from."""
+    if override_tflops:
+        return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (--peak_tflops)"
+    if device.type != "cuda":
+        return None, "n/a on CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12, f"{tflops:g} TFLOP/s (assumed bf16 dense peak of {key})"
+    return None, f"unknown for {name}; pass --peak_tflops"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """CUDA max allocated on GPU; this process's max RSS on CPU (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device)), "CUDA max allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(rss if sys.platform == "darwin" else rss * 1024), "process max RSS"
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[str(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))) + " |"
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print(line(r))

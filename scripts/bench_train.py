@@ -1,0 +1,246 @@
+"""Training-step throughput: the project's step against a naive loop, same data and model, one run.
+
+project  length-grouped batches (ShuffledBatchSampler), DecisionLM.answer_logits (output head at the
+         answer positions only) + cross entropy, backward, AdamW on the LoRA parameters; on GPU the
+         frozen base weights in bf16 (as DecisionLM.setup under bf16 precision) under bf16 autocast.
+naive    random-order batches padded to the longest, model(input_ids, attention_mask, labels=labels)
+         (full-vocabulary logits at every position), backward, AdamW on the same LoRA parameters;
+         on GPU fp32 frozen weights under bf16 autocast.
+
+Each path runs in its own process (so peak memory is its own: CUDA max allocated on GPU, max RSS on
+CPU); both processes stay alive and take steps in turn, so that both see the same machine load.
+Throughput counts real (non-padding) tokens over the timed steps only. The last line is
+``ratio: <project / naive>`` of tokens/s. Defaults: small on CPU (4 steps of batch 4), the paper's full epoch on GPU (5,000
+training prompts, batch 16).
+
+    python scripts/bench_train.py                      # cuda if available, else cpu
+    python scripts/bench_train.py --device cpu --steps 4 --batch_size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import random
+import time
+import traceback
+import warnings
+
+import bench_common as bc
+import torch
+import torch.nn.functional as F
+
+from selfinterp.datamodule import ShuffledBatchSampler, collate, encode
+from selfinterp.dataset import build_data
+from selfinterp.models import EMBEDDED
+from selfinterp.module import DecisionLM
+
+PAPER_EPOCH = 5000  # training prompts in the paper's epoch (100 scenarios x 50)
+PATHS = ("naive", "project")
+
+
+def project_loss(module: DecisionLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The project's training loss: output head at the answer positions only."""
+    logits, targets, _ = module.answer_logits(batch)
+    return F.cross_entropy(logits, targets)
+
+
+def naive_loss(module: DecisionLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The usual transformers loss: full-vocabulary logits at every position, shifted labels."""
+    return module.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def make_module(model: str, device: torch.device, bf16_base: bool, seed: int) -> DecisionLM:
+    """DecisionLM with the default LoRA adapter (same seed, same initial adapter for both paths)."""
+    torch.manual_seed(seed)
+    module = DecisionLM(model=model)
+    if bf16_base:  # what DecisionLM.setup does under bf16 precision on GPU
+        for p in module.net.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    return module.to(device).train()
+
+
+def batch_order(lengths: list[int], batch_size: int, grouped: bool, seed: int, n_batches: int) -> list[list[int]]:
+    """``n_batches`` batches over as many epochs as needed: the project's sampler, or plain random order."""
+    out: list[list[int]] = []
+    epoch = 0
+    while len(out) < n_batches:
+        if grouped:
+            sampler = ShuffledBatchSampler(lengths, batch_size, group_by_length=True, seed=seed)
+            sampler.set_epoch(epoch)
+            out += list(sampler)
+        else:
+            order = list(range(len(lengths)))
+            random.Random(seed + epoch).shuffle(order)
+            out += [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        epoch += 1
+    return out[:n_batches]
+
+
+class PathRunner:
+    """One path's model, optimizer and batches, stepping on request."""
+
+    def __init__(self, cfg: dict) -> None:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+        self.device = device = torch.device(cfg["device"])
+        project = cfg["path"] == "project"
+        self.module = make_module(cfg["model"], device, bf16_base=project and device.type == "cuda", seed=cfg["seed"])
+        self.tokenizer = self.module.tokenizer
+        data = build_data(n_scenarios=cfg["n_scenarios"], n_train=cfg["n_train"], n_val=0, n_test=1)
+        self.encoded = [encode(self.tokenizer, r) for r in data.train]
+        self.lengths = [len(e.input_ids) for e in self.encoded]
+        steps = cfg["steps"] or math.ceil(len(self.encoded) / cfg["batch_size"])
+        self.order = batch_order(self.lengths, cfg["batch_size"], grouped=project, seed=cfg["seed"],
+                                 n_batches=cfg["warmup"] + steps)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=0.0)
+        self.loss_fn = project_loss if project else naive_loss
+        self.next = 0
+        self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+                      "loss_sum": 0.0}
+
+    def step(self, timed: bool) -> None:
+        idx = self.order[self.next]
+        self.next += 1
+        batch = {k: v.to(self.device) for k, v in collate([self.encoded[i] for i in idx], self.tokenizer.pad_token_id).items()}
+        bc.sync(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        with bc.autocast(self.device, enabled=True):
+            loss = self.loss_fn(self.module, batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        bc.sync(self.device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if timed:
+            st = self.stats
+            st["steps"] += 1
+            st["examples"] += len(idx)
+            st["tokens"] += sum(self.lengths[i] for i in idx)
+            st["padded"] += len(idx) * max(self.lengths[i] for i in idx)
+            st["seconds"] += wall
+            st["cpu_seconds"] += cpu
+            st["loss_sum"] += float(loss.detach())
+
+    def summary(self) -> dict:
+        memory, memory_kind = bc.peak_memory(self.device)
+        return {**self.stats, "loss": self.stats["loss_sum"] / max(1, self.stats["steps"]), "memory": memory,
+                "memory_kind": memory_kind, "n_params": sum(p.numel() for p in self.module.parameters()),
+                "n_trainable": sum(p.numel() for p in self.params), "remaining": len(self.order) - self.next}
+
+
+def worker(cfg: dict, conn) -> None:
+    """A path in its own process (so that peak memory is its own), answering "warmup", "reset", "step", "summary"."""
+    try:
+        path = PathRunner(cfg)
+        conn.send(("ok", len(path.order) - cfg["warmup"]))
+        while True:
+            cmd = conn.recv()
+            if cmd == "warmup":
+                path.step(timed=False)
+            elif cmd == "reset":
+                bc.reset_peak_memory(path.device)
+            elif cmd == "step":
+                path.step(timed=True)
+            elif cmd == "summary":
+                conn.send(("ok", path.summary()))
+                return
+            conn.send(("ok", None))
+    except Exception:  # report it in the parent
+        conn.send(("error", traceback.format_exc()))
+
+
+def run_paths(cfg: dict) -> dict[str, dict]:
+    """Both paths in live processes, stepping in turn (the order swapped every step), so that they share
+    whatever else the machine is doing; each path's timing covers its own steps only."""
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
+    for name in PATHS:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=({**cfg, "path": name}, child), daemon=True)
+        proc.start()
+        conns[name] = parent
+        procs.append(proc)
+
+    def ask(name: str, cmd: str | None = None):
+        if cmd is not None:
+            conns[name].send(cmd)
+        status, value = conns[name].recv()
+        if status == "error":
+            raise RuntimeError(f"the {name} path failed:\n{value}")
+        return value
+
+    try:
+        steps = min(ask(name) for name in PATHS)
+        for _ in range(cfg["warmup"]):
+            for name in PATHS:
+                ask(name, "warmup")
+        for name in PATHS:
+            ask(name, "reset")
+        for k in range(steps):
+            for name in PATHS if k % 2 == 0 else PATHS[::-1]:
+                ask(name, "step")
+        return {name: ask(name, "summary") for name in PATHS}
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED, help="model name or local transformers folder (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--n_scenarios", type=int, help="scenarios to draw training prompts from (default: 2 on CPU, 100 on GPU)")
+    parser.add_argument("--n_train", type=int, default=50, help="training prompts per scenario (default: %(default)s, the paper's)")
+    parser.add_argument("--batch_size", type=int, help="examples per step (default: 4 on CPU, 16 on GPU)")
+    parser.add_argument("--steps", type=int, help="timed steps per path (default: 4 on CPU, one full epoch on GPU)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first, per path (default: 2 on CPU, 5 on GPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--peak_tflops", type=float, help="peak for MFU (default: the card's bf16 dense peak when known)")
+    args = parser.parse_args(argv)
+    device = bc.pick_device(args.device)
+    gpu = device.type == "cuda"
+    n_scenarios = args.n_scenarios or (100 if gpu else 2)
+    batch_size = args.batch_size or (16 if gpu else 4)
+    steps = args.steps if args.steps is not None else (0 if gpu else 4)  # 0: one full epoch
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    cfg = dict(model=args.model, device=str(device), n_scenarios=n_scenarios, n_train=args.n_train,
+               batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads)
+    print(f"device: {bc.describe(device)}")
+    print(f"model: {args.model}; {n_scenarios * args.n_train} training prompts; batch {batch_size}; "
+          f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s)")
+    results = run_paths(cfg)
+    naive, proj = results["naive"], results["project"]
+    peak, peak_note = bc.peak_flops(device, args.peak_tflops)
+    rows = []
+
+    def row(name, f):
+        rows.append([name, f(naive), f(proj)])
+
+    row("timed steps", lambda r: r["steps"])
+    row("examples", lambda r: r["examples"])
+    row("real tokens", lambda r: r["tokens"])
+    row("padding (% of batch tokens)", lambda r: 100.0 * (1 - r["tokens"] / r["padded"]))
+    row("wall seconds", lambda r: r["seconds"])
+    row("CPU seconds (process)", lambda r: r["cpu_seconds"])
+    row("tokens/s", lambda r: r["tokens"] / r["seconds"])
+    row("examples/s", lambda r: r["examples"] / r["seconds"])
+    row(f"peak memory MiB ({naive['memory_kind']})", lambda r: r["memory"] / 2**20)
+    row("mean loss over timed steps", lambda r: r["loss"])
+    if peak:
+        row("MFU % (6*N*tokens/s / peak)", lambda r: 100.0 * 6 * r["n_params"] * r["tokens"] / r["seconds"] / peak)
+    row(f"projected epoch of {PAPER_EPOCH} prompts, s", lambda r: PAPER_EPOCH / (r["examples"] / r["seconds"]))
+    bc.print_table(["train step", "naive", "project"], rows)
+    print(f"N = {proj['n_params']:,} parameters ({proj['n_trainable']:,} trainable LoRA); peak for MFU: {peak_note}")
+    print(f"ratio: {(proj['tokens'] / proj['seconds']) / (naive['tokens'] / naive['seconds']):.2f}")
+
+
+if __name__ == "__main__":
+    main()

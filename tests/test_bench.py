@@ -1,0 +1,208 @@
+"""The throughput benchmarks run end to end on a tiny model, and the fast paths compute what the naive ones do.
+
+No timing is asserted: only that the scripts finish with a ratio line, that the project's training
+loss equals the usual transformers loss, and that prefix-shared scoring gives the choices of one
+unpadded forward pass per prompt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from selfinterp import scoring
+from selfinterp.datamodule import collate, encode, prompt_text
+from selfinterp.dataset import build_data
+from selfinterp.scoring import letter_ids, parse_answer, prefix_groups, score_prompts
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+RATIO = re.compile(r"^ratio: [0-9.]+$")
+
+
+def load_script(name: str):
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str, cwd: Path) -> list[str]:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
+
+
+# --- the scripts -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_path):
+    lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
+                       "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "1", cwd=tmp_path)
+    assert RATIO.match(lines[-1]), lines[-1]
+    assert float(lines[-1].split()[1]) > 0
+    assert any(line.startswith("| tokens/s") for line in lines)
+    assert any(line.startswith("| peak memory MiB") for line in lines)
+
+
+@pytest.mark.slow
+def test_bench_verify_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_path):
+    lines = run_script("bench_verify", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "2",
+                       "--n_test", "4", "--n_prompts", "6", "--batch_size", "4", "--warmup", "2",
+                       "--max_new_tokens", "3", "--continue_tokens", "3", cwd=tmp_path)
+    assert RATIO.match(lines[-1]), lines[-1]
+    assert float(lines[-1].split()[1]) > 0
+    assert any(line.startswith("| prompts/s") for line in lines)
+    # the random model never answers A or B: both paths decode greedily and agree on every prompt
+    assert any("same choice (A/B/unparseable) on 100.0% of prompts" in line for line in lines)
+
+
+# --- training: the answer-only head gives the usual loss ----------------------------------------
+def test_project_training_loss_equals_the_naive_full_vocabulary_loss(tiny_model_dir, tokenizer):
+    bench = load_script("bench_train")
+    module = bench.make_module(str(tiny_model_dir), torch.device("cpu"), bf16_base=False, seed=0)
+    with torch.no_grad():  # a non-zero adapter, so that it takes part in the loss
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    data = build_data(n_scenarios=2, n_train=3, n_val=0, n_test=1)
+    items = [encode(tokenizer, r) for r in data.train]
+    assert len({len(e.input_ids) for e in items}) > 1  # the batch is padded
+    batch = collate(items, tokenizer.pad_token_id)
+    losses, grads = [], []
+    for loss_fn in (bench.project_loss, bench.naive_loss):
+        module.zero_grad(set_to_none=True)
+        loss = loss_fn(module, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_batch_orders_cover_the_data_the_naive_one_unsorted():
+    bench = load_script("bench_train")
+    lengths = [5, 9, 1, 7, 3, 8, 2, 6, 4, 10]
+    for grouped in (True, False):
+        batches = bench.batch_order(lengths, 3, grouped, seed=0, n_batches=4)
+        assert len(batches) == 4 and sorted(i for b in batches for i in b) == list(range(10))
+    assert bench.batch_order(lengths, 3, False, seed=0, n_batches=6)[4:] == bench.batch_order(lengths, 3, False, 1, 2)
+
+
+# --- verification: prefix sharing changes nothing ---------------------------------------------
+def _one_pass(model, tokenizer, prompt: str, continue_tokens: int) -> tuple[str, float]:
+    """One unpadded forward pass of the full model (then greedy decoding if the answer is not a letter)."""
+    a_id, b_id = letter_ids(tokenizer)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1].float()
+        top = int(logits.argmax())
+        p_b = torch.sigmoid(logits[b_id] - logits[a_id]).item()
+        if top in (a_id, b_id):
+            return "AB"[top == b_id], p_b
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=continue_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), p_b
+
+
+def _prompts(tokenizer) -> list[str]:
+    data = build_data(n_scenarios=3, n_train=1, n_val=0, n_test=5)
+    prompts = [prompt_text(tokenizer, r) for r in data.test]
+    prompts.insert(4, "<|im_start|>user\nA or B?<|im_end|>\n<|im_start|>assistant\n")  # shares no prefix
+    prompts.append(prompts[0])  # a duplicate: shares all but its last token
+    return prompts
+
+
+@pytest.mark.parametrize("which", ["chooser", "random"])
+def test_shared_prefix_scoring_matches_one_unpadded_pass_per_prompt(tokenizer, chooser_model_dir, tiny_model_dir,
+                                                                    monkeypatch, which):
+    model = AutoModelForCausalLM.from_pretrained(chooser_model_dir if which == "chooser" else tiny_model_dir).eval()
+    prompts = _prompts(tokenizer)
+    calls = []
+    shared = scoring._shared_hidden
+    monkeypatch.setattr(scoring, "_shared_hidden", lambda *a, **k: calls.append(1) or shared(*a, **k))
+    choices = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=3)
+    assert calls  # the shared-prefix path ran
+    expected = [_one_pass(model, tokenizer, p, 3) for p in prompts]
+    assert [c.raw for c in choices] == [raw for raw, _ in expected]
+    assert [c.selection for c in choices] == [parse_answer(raw) for raw, _ in expected]
+    assert [c.p_b for c in choices] == pytest.approx([p for _, p in expected], abs=1e-5)
+    if which == "chooser":
+        assert {c.selection for c in choices} == {"A", "B"}
+    # the plain left-padded path gives the same
+    monkeypatch.setattr(scoring, "_can_share", lambda model: False)
+    plain = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=3)
+    assert [c.raw for c in plain] == [c.raw for c in choices]
+    assert [c.p_b for c in plain] == pytest.approx([c.p_b for c in choices], abs=1e-5)
+
+
+def test_scoring_matches_naive_generate_and_parse_on_clean_answers(tokenizer, stubborn_model_dir):
+    """With a model whose greedy text is fixed, the naive baseline and the verifier read the same answers."""
+    bench = load_script("bench_verify")
+    model = AutoModelForCausalLM.from_pretrained(stubborn_model_dir).eval()
+    prompts = _prompts(tokenizer)[:6]
+    naive, generated = bench.naive_verify(model, tokenizer, prompts, batch_size=4, max_new_tokens=3)
+    choices = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=3)
+    assert generated == 3 * len(prompts)
+    assert [(c.raw, c.selection) for c in choices] == naive
+    assert bench.project_tokens(model, tokenizer(prompts, add_special_tokens=False)["input_ids"], 4) < sum(
+        len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+
+
+def test_prefix_groups_partition_prompts_by_shared_prefix():
+    base = list(range(100, 130))
+    ids = [base + [1, 2], base + [1, 3, 4], [7, 8, 9], base[:20] + [5], base + [1, 2], [7, 8, 9, 10], [3]]
+    groups = prefix_groups(ids, min_prefix=16)
+    assert sorted(i for members, _ in groups for i in members) == list(range(len(ids)))
+    for members, p in groups:
+        assert p == 0 or p >= 16
+        for i in members:
+            assert p < len(ids[i]) and ids[i][:p] == ids[members[0]][:p]
+    shared = {frozenset(members): p for members, p in groups if p}
+    # the four prompts starting with `base` share 20 tokens, but three of them share 31: keeping the
+    # 20-token group saves 3 * 20 = 60 tokens, splitting it 2 * 31 = 62
+    assert shared == {frozenset({0, 1, 4}): 31}
+    assert prefix_groups([]) == []
+    assert prefix_groups([[1, 2, 3]]) == [([0], 0)]
+
+
+def test_real_prompts_of_a_scenario_share_their_system_prompt_instruction_and_question(tokenizer):
+    data = build_data(n_scenarios=2, n_train=1, n_val=0, n_test=10)
+    ids = tokenizer([prompt_text(tokenizer, r) for r in data.test], add_special_tokens=False)["input_ids"]
+    groups = prefix_groups(ids)
+    assert all(p >= 50 for _, p in groups)
+    saved = sum((len(m) - 1) * p for m, p in groups)
+    assert saved / sum(map(len, ids)) > 0.25
+
+
+@pytest.mark.parametrize("window, shared", [(512, True), (64, False)])
+def test_sliding_window_models_share_prefixes_only_when_the_window_spans_the_batch(tokenizer, monkeypatch, window,
+                                                                                   shared):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=window, max_position_embeddings=1024,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=2, eos_token_id=2, bos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    prompts = _prompts(tokenizer)[:6]
+    results = []
+    original = scoring._shared_hidden
+    monkeypatch.setattr(scoring, "_shared_hidden", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
+    choices = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=2)
+    assert results and all((r is not None) == shared for r in results)
+    expected = [_one_pass(model, tokenizer, p, 2) for p in prompts]
+    assert [c.raw for c in choices] == [raw for raw, _ in expected]
+    assert [c.p_b for c in choices] == pytest.approx([p for _, p in expected], abs=1e-5)
