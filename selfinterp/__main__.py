@@ -20,6 +20,8 @@ tools (see `python -m selfinterp <command> --help`):
   analyze    regression + recovery metrics from a decisions CSV
   report     Markdown table of all runs under results/
   export     save a trained adapter (and optionally a merged model)
+  report-weights   Experiment 2: the model's (and its base's) reports of its weights: report-weights --config C --ckpt_path P
+  analyze-reports  report accuracy from a weight_reports.csv and a learned_weights.csv
 """
 
 
@@ -32,9 +34,11 @@ def _commands() -> dict[str, Callable[[Sequence[str]], object]]:
     from selfinterp.analysis import analyze_command
     from selfinterp.cli import export_main
     from selfinterp.commands import data_command, report_command
+    from selfinterp.selfreport import report_weights_main
+    from selfinterp.selfreport_analysis import analyze_reports_command
 
     return {"data": wrap(data_command), "analyze": wrap(analyze_command), "report": wrap(report_command),
-            "export": export_main}
+            "export": export_main, "report-weights": report_weights_main, "analyze-reports": wrap(analyze_reports_command)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
