@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfinterp.dataset import DecisionData, Record, build_data, read_data
 from selfinterp.errors import UserError
-from selfinterp.prompts import DECISION_PROMPT, SYSTEM_PROMPT
 
 IGNORE = -100
 
@@ -124,61 +123,35 @@ class DecisionDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
-        n_scenarios: int = 100,
-        catalog: str | None = None,
-        roles: str | None = None,
-        system_prompt: str = SYSTEM_PROMPT,
-        decision_prompt: str = DECISION_PROMPT,
-        n_train: int = 50,
-        n_val: int = 10,
-        n_test: int = 50,
-        extra_train: int = 0,
         batch_size: int = 16,
         eval_batch_size: int = 64,
         group_by_length: bool = True,
         loss_on: Literal["answer", "letter"] = "answer",
         num_workers: int = 0,
         seed: int = 0,
+        **build_args: Any,
     ) -> None:
         """
         Args:
             data_dir: A folder written by ``python -m selfinterp data``; when unset, the data is
-                generated in memory from the arguments below (same algorithm, same seeds).
-            n_scenarios: How many scenarios of the catalog to use (from the start).
-            catalog: Scenario catalog JSON (default: the project's own).
-            roles: Optional roles CSV; scenario i becomes "Imagine you are <role i>. ...".
-            system_prompt: The system message of every prompt.
-            decision_prompt: The instruction placed right before the trial text in the user message.
-            n_train: Training trials per scenario (seed-2 stream, the paper's 50).
-            n_val: Validation trials per scenario (drawn after the training ones, the paper's 10).
-            n_test: Held-out test trials per scenario (seed 7) used for verification.
-            extra_train: More training trials per scenario, continuing the seed-2 stream.
+                generated in memory from the data set's parameters (same algorithm, same seeds).
             batch_size: Training batch size per device.
             eval_batch_size: Validation batch size per device.
             group_by_length: Batch examples of similar length together (less padding).
             loss_on: "answer" (letter + end-of-turn token) or "letter" (the letter only).
             num_workers: DataLoader worker processes.
             seed: Shuffling seed.
+            **build_args: The data set's parameters (see :func:`selfinterp.dataset.build_data`).
         """
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError("data.batch_size and data.eval_batch_size must be at least 1")
         self.save_hyperparameters()
-        self.data: DecisionData | None = None
+        self.data: DecisionData = read_data(data_dir) if data_dir else build_data(**build_args)
         self.tokenizer = None
 
     def load_data(self) -> DecisionData:
-        """The data set, read from ``data_dir`` or generated (once)."""
-        if self.data is None:
-            h = self.hparams
-            if h.data_dir:
-                self.data = read_data(h.data_dir)
-            else:
-                self.data = build_data(
-                    n_scenarios=h.n_scenarios, catalog=h.catalog, roles=h.roles, system_prompt=h.system_prompt,
-                    decision_prompt=h.decision_prompt, n_train=h.n_train, n_val=h.n_val, n_test=h.n_test,
-                    extra_train=h.extra_train,
-                )
+        """The data set (read from ``data_dir`` or generated when the module was made)."""
         return self.data
 
     def setup(self, stage: str | None = None) -> None:

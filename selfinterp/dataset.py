@@ -87,6 +87,20 @@ def build_data(
     Per scenario, ``n_train + n_val`` trials are drawn from the seed-2 stream (the first
     ``n_train`` train, the rest validate); ``extra_train`` more training trials per scenario
     continue that stream afterwards, so the paper's records stay unchanged.
+
+    Args:
+        n_scenarios: Use the first N scenarios of the catalog.
+        catalog: Scenario catalog JSON (default: the project's own; the paper's candidate_scenarios.json loads too).
+        roles: Optional roles CSV without header; shuffled with seed 0, scenario i becomes "Imagine you are <role i>. ...".
+        system_prompt: System message of every record.
+        decision_prompt: Instruction placed immediately before the trial text in the user message.
+        n_train: Training trials per scenario (the paper's 50).
+        n_val: Validation trials per scenario, drawn right after the training ones (the paper's 10).
+        n_test: Held-out test trials per scenario (seed 7) used for verification.
+        extra_train: Extra training trials per scenario, continuing the training stream.
+        weights_seed: Seed of the target weights.
+        train_seed: Seed of the training and validation trials.
+        test_seed: Seed of the held-out test trials.
     """
     for name, value in [("n_scenarios", n_scenarios), ("n_train", n_train), ("n_test", n_test)]:
         if value < 1:
