@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -82,3 +83,15 @@ def print_table(headers: list[str], rows: list[list]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells[1:]:
         print(line(r))
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options both benchmarks share: model, device, threads and the MFU peak."""
+    from selfinterp.models import EMBEDDED
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED, help="model name or local transformers folder (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--peak_tflops", type=float, help="peak for MFU (default: the card's bf16 dense peak when known)")
+    return parser

@@ -19,7 +19,6 @@ training prompts, batch 16).
 
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing as mp
 import random
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 
 from selfinterp.datamodule import ShuffledBatchSampler, collate, encode
 from selfinterp.dataset import build_data
-from selfinterp.models import EMBEDDED
 from selfinterp.module import DecisionLM
 
 PAPER_EPOCH = 5000  # training prompts in the paper's epoch (100 scenarios x 50)
@@ -193,17 +191,13 @@ def run_paths(cfg: dict) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=EMBEDDED, help="model name or local transformers folder (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser = bc.base_parser(__doc__)
     parser.add_argument("--n_scenarios", type=int, help="scenarios to draw training prompts from (default: 2 on CPU, 100 on GPU)")
     parser.add_argument("--n_train", type=int, default=50, help="training prompts per scenario (default: %(default)s, the paper's)")
     parser.add_argument("--batch_size", type=int, help="examples per step (default: 4 on CPU, 16 on GPU)")
     parser.add_argument("--steps", type=int, help="timed steps per path (default: 4 on CPU, one full epoch on GPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, per path (default: 2 on CPU, 5 on GPU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--peak_tflops", type=float, help="peak for MFU (default: the card's bf16 dense peak when known)")
     args = parser.parse_args(argv)
     device = bc.pick_device(args.device)
     gpu = device.type == "cuda"

@@ -16,7 +16,6 @@ held-out prompts (100 scenarios x 50) on GPU.
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 
@@ -25,7 +24,7 @@ import torch
 
 from selfinterp.datamodule import prompt_text
 from selfinterp.dataset import build_data
-from selfinterp.models import EMBEDDED, load_model, load_tokenizer
+from selfinterp.models import load_model, load_tokenizer
 from selfinterp.scoring import _can_share, _plan, parse_answer, score_prompts
 
 PAPER_TEST = 5000  # held-out prompts verified per epoch in the paper setting
@@ -57,9 +56,7 @@ def project_tokens(model, ids: list[list[int]], batch_size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=EMBEDDED, help="model name or local transformers folder (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser = bc.base_parser(__doc__)
     parser.add_argument("--n_scenarios", type=int, help="scenarios to take test prompts from (default: 2 on CPU, 100 on GPU)")
     parser.add_argument("--n_test", type=int, default=50, help="held-out prompts per scenario (default: %(default)s, the paper's)")
     parser.add_argument("--n_prompts", type=int, help="prompts to verify, the first of the test set (default: 64 on CPU, 5000 on GPU)")
@@ -68,8 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=10, help="naive generate length (default: %(default)s)")
     parser.add_argument("--continue_tokens", type=int, default=8, help="project: greedy tokens when not A/B (default: %(default)s)")
     parser.add_argument("--warmup", type=int, help="prompts scored untimed by each path first (default: 4 on CPU, 256 on GPU)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--peak_tflops", type=float, help="peak for MFU (default: the card's bf16 dense peak when known)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.threads:
