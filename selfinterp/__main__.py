@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Sequence
 
@@ -18,7 +19,7 @@ training (Lightning CLI; see `python -m selfinterp fit --help`):
 tools (see `python -m selfinterp <command> --help`):
   data       write the Experiment 1 data files
   analyze    regression + recovery metrics from a decisions CSV
-  report     Markdown table of all runs under results/
+  report     Markdown table of all runs under a results folder: report [results]
   export     save a trained adapter (and optionally a merged model)
   report-weights   Experiment 2: the model's (and its base's) reports of its weights: report-weights --config C --ckpt_path P
   analyze-reports  report accuracy from a weight_reports.csv and a learned_weights.csv
@@ -37,7 +38,12 @@ def _commands() -> dict[str, Callable[[Sequence[str]], object]]:
     from selfinterp.selfreport import report_weights_main
     from selfinterp.selfreport_analysis import analyze_reports_command
 
-    return {"data": wrap(data_command), "analyze": wrap(analyze_command), "report": wrap(report_command),
+    def report(argv: Sequence[str]) -> object:
+        parser = argparse.ArgumentParser(prog="python -m selfinterp report", description=report_command.__doc__.split("\n")[0])
+        parser.add_argument("results", nargs="?", default="results", help="folder holding the runs (default: %(default)s)")
+        return report_command(parser.parse_args(list(argv)).results)
+
+    return {"data": wrap(data_command), "analyze": wrap(analyze_command), "report": report,
             "export": export_main, "report-weights": report_weights_main, "analyze-reports": wrap(analyze_reports_command)}
 
 

@@ -254,3 +254,16 @@ def test_export_writes_adapter_and_merged_model(tmp_path, monkeypatch, tiny_mode
         adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
         assert torch.allclose(adapter.eval()(input_ids=ids).logits, expected, atol=1e-4)
         assert (base(input_ids=ids).logits - expected).abs().max() > 1e-3  # training changed the model
+
+
+def test_report_prints_one_row_per_run(tmp_path, capsys):
+    run = tmp_path / "results" / "m" / "version_0"
+    run.mkdir(parents=True)
+    epochs = [{"tag": "epoch_0", "epoch": 0, "r": None, "p_value": None, "agreement": 0.5, "parse_failure": 0.0},
+              {"tag": "epoch_3", "epoch": 3, "r": 0.912, "p_value": 1e-40, "agreement": 0.9, "parse_failure": 0.004}]
+    (run / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "epochs": epochs}))
+    assert main(["report", str(tmp_path / "results")]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[2] == "| m/version_0 | tiny | 135M | 0.912 | 1e-40 | 90.0% | 0.4% | 3 |"
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no summary.json" in _one_error_line(capsys.readouterr().err)
