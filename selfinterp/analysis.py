@@ -175,7 +175,7 @@ def _fisher_ci(r: float, n: int) -> list[float] | None:
     return [float(np.tanh(z - half)), float(np.tanh(z + half))]
 
 
-def _pooled(learned: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+def pooled_metrics(learned: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     """Correlation and error metrics over all learned vs target pairs of the fit scenarios."""
     keys = ["r", "p_value", "r_ci95", "spearman", "r_per_attribute", "mean_scenario_r", "mae", "rmse"]
     out: dict[str, Any] = dict.fromkeys(keys)
@@ -235,7 +235,7 @@ def analyze(
     n, n_valid = len(df), int(valid.sum())
     metrics = {
         "regression": regression,
-        **_pooled(learned[fit], targets[fit]),
+        **pooled_metrics(learned[fit], targets[fit]),
         "agreement": agree / n_valid if n_valid else None,
         "parse_failure": (n - n_valid) / n,
         "frac_A": float(np.mean(selection == "A")),
@@ -267,8 +267,9 @@ def write_analysis(analysis: Analysis, out_dir: str | Path, decisions: pd.DataFr
     return paths
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "undefined" if value is None else format(value, spec)
+def fmt(value: float | None, spec: str, missing: str = "undefined") -> str:
+    """A metric formatted with ``spec``, or ``missing`` when it is undefined (None)."""
+    return missing if value is None else format(value, spec)
 
 
 def summary(metrics: dict[str, Any]) -> str:
@@ -276,10 +277,10 @@ def summary(metrics: dict[str, Any]) -> str:
     ci = metrics["r_ci95"]
     ci_text = f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     lines = [
-        f"r = {_fmt(metrics['r'], '.3f')}{ci_text} (p = {_fmt(metrics['p_value'], '.2g')}) over "
+        f"r = {fmt(metrics['r'], '.3f')}{ci_text} (p = {fmt(metrics['p_value'], '.2g')}) over "
         f"{N_ATTRIBUTES * metrics['n_scenarios_fit']} weights from {metrics['n_scenarios_fit']} of "
         f"{metrics['n_scenarios']} scenarios ({metrics['regression']} regression)",
-        f"agreement with the target rule: {_fmt(metrics['agreement'], '.1%')} of {metrics['n_valid']} valid answers",
+        f"agreement with the target rule: {fmt(metrics['agreement'], '.1%')} of {metrics['n_valid']} valid answers",
         f"unparseable answers: {metrics['n_decisions'] - metrics['n_valid']} of {metrics['n_decisions']} "
         f"({metrics['parse_failure']:.1%})",
     ]

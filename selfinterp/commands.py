@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfinterp.analysis import fmt
 from selfinterp.dataset import build_data, write_data
 from selfinterp.errors import UserError
 
@@ -24,10 +25,6 @@ def data_command(out: str = "data", **build_args: Any) -> list[str]:
     print(f"wrote {len(data.scenarios)} scenarios, {len(data.train)} train / {len(data.val)} val / "
           f"{len(data.test)} test records to {out} in {time.perf_counter() - start:.1f} s")
     return [str(p) for p in paths]
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def report_command(results: str = "results") -> str:
@@ -56,9 +53,9 @@ def report_command(results: str = "results") -> str:
         trained = [e["epoch"] for e in entries if e["tag"].startswith("epoch_")]
         size = f"{summary.get('n_params', 0) / 1e6:.0f}M"
         lines.append(
-            f"| {path.parent.relative_to(root)} | {summary.get('model')} | {size} | {_fmt(last.get('r'), '.3f')} | "
-            f"{_fmt(last.get('p_value'), '.2g')} | {_fmt(last.get('agreement'), '.1%')} | "
-            f"{_fmt(last.get('parse_failure'), '.1%')} | {max(trained) if trained else last['tag']} |"
+            f"| {path.parent.relative_to(root)} | {summary.get('model')} | {size} | {fmt(last.get('r'), '.3f', 'n/a')} | "
+            f"{fmt(last.get('p_value'), '.2g', 'n/a')} | {fmt(last.get('agreement'), '.1%', 'n/a')} | "
+            f"{fmt(last.get('parse_failure'), '.1%', 'n/a')} | {max(trained) if trained else last['tag']} |"
         )
     table = "\n".join(lines)
     print(table)

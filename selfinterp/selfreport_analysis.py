@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from selfinterp.analysis import LEARNED_COLS, _pooled
+from selfinterp.analysis import LEARNED_COLS, fmt, pooled_metrics
 from selfinterp.atomic import write_json, write_text
 from selfinterp.catalog import N_ATTRIBUTES
 from selfinterp.dataset import A_COLS, B_COLS, read_weights
@@ -209,7 +209,7 @@ def mean_reports(reports: pd.DataFrame) -> pd.DataFrame:
 
 def _correlation(x: np.ndarray, y: np.ndarray, prefix: str) -> dict[str, Any]:
     """Pearson r with p-value and 95% CI (plus Spearman, per attribute) of two (n, 5) arrays, keys prefixed."""
-    pooled = _pooled(x, y) if len(x) else dict.fromkeys(["r", "p_value", "r_ci95", "spearman", "r_per_attribute"])
+    pooled = pooled_metrics(x, y) if len(x) else dict.fromkeys(["r", "p_value", "r_ci95", "spearman", "r_per_attribute"])
     return {
         prefix: pooled["r"],
         f"{prefix}_ci95": pooled["r_ci95"],
@@ -328,18 +328,14 @@ def write_reports(reports: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "undefined" if value is None else format(value, spec)
-
-
 def summary(metrics: dict[str, Any]) -> str:
     """One line per group: report accuracy with its CI, r against the targets, invalid reports."""
     lines = []
     for key, m in metrics["groups"].items():
         ci = m["report_accuracy_ci95"]
-        target = f"; r vs target weights = {_fmt(m['target_r'], '.3f')}" if "target_r" in m else ""
+        target = f"; r vs target weights = {fmt(m['target_r'], '.3f')}" if "target_r" in m else ""
         lines.append(
-            f"{key}: report accuracy r = {_fmt(m['report_accuracy'], '.3f')}"
+            f"{key}: report accuracy r = {fmt(m['report_accuracy'], '.3f')}"
             + (f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             + f" over {m['report_accuracy_n_pairs']} weights of {m['n_scenarios_compared']} scenarios{target}; "
             f"invalid reports {m['n_invalid']} of {m['n_reports']} ({m['invalid_rate']:.1%})"
