@@ -142,3 +142,19 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return out
+
+
+def naive_answer(model, tokenizer, prompt: str, continue_tokens: int) -> tuple[str, float]:
+    """The reference answer: one unpadded forward pass of the full model (then greedy decoding) for one prompt."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1].float()
+        top = int(logits.argmax())
+        p_b = torch.sigmoid(logits[B_ID] - logits[A_ID]).item()
+        if top in (A_ID, B_ID):
+            return "AB"[top == B_ID], p_b
+        if not continue_tokens:
+            return tokenizer.decode([top]), p_b
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=continue_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), p_b

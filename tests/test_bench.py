@@ -17,10 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import naive_answer
 from selfinterp import scoring
 from selfinterp.datamodule import collate, encode, prompt_text
 from selfinterp.dataset import build_data
-from selfinterp.scoring import letter_ids, parse_answer, prefix_groups, score_prompts
+from selfinterp.scoring import parse_answer, prefix_groups, score_prompts
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 RATIO = re.compile(r"^ratio: [0-9.]+$")
@@ -100,21 +101,6 @@ def test_batch_orders_cover_the_data_the_naive_one_unsorted():
 
 
 # --- verification: prefix sharing changes nothing ---------------------------------------------
-def _one_pass(model, tokenizer, prompt: str, continue_tokens: int) -> tuple[str, float]:
-    """One unpadded forward pass of the full model (then greedy decoding if the answer is not a letter)."""
-    a_id, b_id = letter_ids(tokenizer)
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, -1].float()
-        top = int(logits.argmax())
-        p_b = torch.sigmoid(logits[b_id] - logits[a_id]).item()
-        if top in (a_id, b_id):
-            return "AB"[top == b_id], p_b
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=continue_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), p_b
-
-
 def _prompts(tokenizer) -> list[str]:
     data = build_data(n_scenarios=3, n_train=1, n_val=0, n_test=5)
     prompts = [prompt_text(tokenizer, r) for r in data.test]
@@ -133,7 +119,7 @@ def test_shared_prefix_scoring_matches_one_unpadded_pass_per_prompt(tokenizer, c
     monkeypatch.setattr(scoring, "_shared_hidden", lambda *a, **k: calls.append(1) or shared(*a, **k))
     choices = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=3)
     assert calls  # the shared-prefix path ran
-    expected = [_one_pass(model, tokenizer, p, 3) for p in prompts]
+    expected = [naive_answer(model, tokenizer, p, 3) for p in prompts]
     assert [c.raw for c in choices] == [raw for raw, _ in expected]
     assert [c.selection for c in choices] == [parse_answer(raw) for raw, _ in expected]
     assert [c.p_b for c in choices] == pytest.approx([p for _, p in expected], abs=1e-5)
@@ -203,6 +189,6 @@ def test_sliding_window_models_share_prefixes_only_when_the_window_spans_the_bat
     monkeypatch.setattr(scoring, "_shared_hidden", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
     choices = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=2)
     assert results and all((r is not None) == shared for r in results)
-    expected = [_one_pass(model, tokenizer, p, 2) for p in prompts]
+    expected = [naive_answer(model, tokenizer, p, 2) for p in prompts]
     assert [c.raw for c in choices] == [raw for raw, _ in expected]
     assert [c.p_b for c in choices] == pytest.approx([p for _, p in expected], abs=1e-5)

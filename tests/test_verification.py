@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from transformers import AutoModelForCausalLM
 
-from conftest import A_ID, B_ID, ROOT, TINY_CONFIG, scalars
+from conftest import A_ID, B_ID, ROOT, TINY_CONFIG, naive_answer, scalars
 from selfinterp.callbacks import VerificationCallback, select_trials
 from selfinterp.datamodule import DecisionDataModule, prompt_text
 from selfinterp.dataset import Record, build_data
@@ -80,25 +80,9 @@ def test_parse_answer_is_strict(text, letter):
     assert parse_answer(text) == letter
 
 
-def _naive(model, tokenizer, prompt: str, continue_tokens: int) -> tuple[str, float]:
-    """One unpadded forward pass of the full model (and greedy decoding) for one prompt."""
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, -1].float()
-        top = int(logits.argmax())
-        p_b = torch.sigmoid(logits[B_ID] - logits[A_ID]).item()
-        if top in (A_ID, B_ID):
-            return "AB"[top == B_ID], p_b
-        if not continue_tokens:
-            return tokenizer.decode([top]), p_b
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=continue_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), p_b
-
-
 def _check_against_naive(model, tokenizer, prompts, batch_size: int, continue_tokens: int):
     choices = score_prompts(model, tokenizer, prompts, batch_size=batch_size, continue_tokens=continue_tokens)
-    expected = [_naive(model, tokenizer, p, continue_tokens) for p in prompts]
+    expected = [naive_answer(model, tokenizer, p, continue_tokens) for p in prompts]
     assert [c.raw for c in choices] == [raw for raw, _ in expected]
     assert [c.selection for c in choices] == [parse_answer(raw) for raw, _ in expected]
     assert [c.p_b for c in choices] == pytest.approx([p for _, p in expected], abs=1e-5)
