@@ -206,6 +206,30 @@ def test_answer_logits_loss_equals_the_full_forward_loss(tiny_model_dir, loss_on
     assert targets[~letter].tolist() == [IM_END_ID] * (len(targets) - len(answers))
 
 
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_gradient_checkpointing_keeps_less_and_gives_the_same_gradients(tiny_model_dir, full_finetune):
+    grads, memory = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA A matrices
+        module = _module(tiny_model_dir, gradient_checkpointing=checkpointing, full_finetune=full_finetune)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+        dm = _datamodule(module)
+        batch = collate(dm.train_set.items, dm.tokenizer.pad_token_id)
+        kept = []  # elements of the tensors the forward pass keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            logits, targets, _ = module.answer_logits(batch)
+        F.cross_entropy(logits, targets).backward()
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+        memory.append(sum(kept))
+    assert memory[1] < memory[0] / 2  # the layers' activations are recomputed, not kept
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6)
+
+
 def test_learning_rate_schedule(tiny_model_dir):
     module = _module(tiny_model_dir, warmup=0.1, decay="linear")
     module._trainer = SimpleNamespace(estimated_stepping_batches=20)
