@@ -24,6 +24,22 @@ class SelfInterpCLI(LightningCLI):
         # The datamodule shards training batches across ranks itself (length-grouped batches).
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
+    def before_instantiate_classes(self) -> None:
+        """A ModelCheckpoint without ``dirpath`` saves into ``<save_dir>/<logger name>/checkpoints``.
+
+        One fixed folder per run name (not per version), so ``fit --ckpt_path last`` finds the
+        latest run's checkpoint, and runs renamed with ``--trainer.logger.init_args.name`` (a sweep)
+        keep their own checkpoints.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer") or {}
+        logger = trainer.get("logger")
+        init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, (bool, list)) else None
+        folder = Path(init.get("save_dir") or "lightning_logs") / str(init.get("name") or "default") if init else Path("lightning_logs")
+        for callback in trainer.get("callbacks") or []:
+            if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
+                callback.init_args.dirpath = str(folder / "checkpoints")
+
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> SelfInterpCLI:
     """Run (or, with ``run=False``, only instantiate) the Lightning CLI on ``args`` (default: sys.argv).

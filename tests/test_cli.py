@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, TINY_CONFIG, scalars
 from selfinterp.__main__ import main
-from selfinterp.cli import SelfInterpCLI, load_trained
+from selfinterp.cli import SelfInterpCLI, lightning_cli, load_trained
 from selfinterp.datamodule import DecisionDataModule, encode
 from selfinterp.dataset import TEST_JSONL, TRAIN_JSONL, Record
 from selfinterp.models import load_tokenizer
@@ -231,6 +231,17 @@ def test_resume_from_last_checkpoint_continues_the_run(tmp_path, monkeypatch, ti
     assert checkpoint_run_dir(ckpt) == Path("results") / "tiny" / "version_1"
 
 
+def test_a_renamed_run_keeps_its_own_checkpoint_folder(tmp_path, monkeypatch, tiny_model_dir):
+    """Sweeps rename runs with the logger name; each run's last.ckpt then lives under that name."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit(tiny_model_dir, "--trainer.logger.init_args.name=lr-sweep")) == 0
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt")] == ["lightning_logs/lr-sweep/checkpoints/last.ckpt"]
+    assert (tmp_path / "results" / "lr-sweep" / "version_0" / "summary.json").is_file()
+    cli = lightning_cli(_fit(tiny_model_dir, "--trainer.logger=false")[1:], run=False)
+    assert [Path(c.dirpath).relative_to(tmp_path).as_posix() for c in cli.trainer.callbacks
+            if type(c).__name__ == "ModelCheckpoint"] == ["lightning_logs/checkpoints"]  # no logger: no run name
+
+
 def test_export_writes_adapter_and_merged_model(tmp_path, monkeypatch, tiny_model_dir):
     from peft import PeftModel
 
@@ -261,9 +272,16 @@ def test_report_prints_one_row_per_run(tmp_path, capsys):
     run.mkdir(parents=True)
     epochs = [{"tag": "epoch_0", "epoch": 0, "r": None, "p_value": None, "agreement": 0.5, "parse_failure": 0.0},
               {"tag": "epoch_3", "epoch": 3, "r": 0.912, "p_value": 1e-40, "agreement": 0.9, "parse_failure": 0.004}]
-    (run / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "epochs": epochs}))
+    epochs[1].update(frac_A=0.47, train_seconds=150.0)
+    setup = {"train_trials_per_scenario": 200.0, "lr": 5e-5, "full_finetune": False, "machine": "1 x NVIDIA H100"}
+    (run / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "lora_r": 16,
+                                                  "setup": setup, "epochs": epochs}))
+    old = tmp_path / "results" / "old" / "version_0"  # written before summaries had a setup
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "epochs": epochs[:1]}))
     assert main(["report", str(tmp_path / "results")]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[2] == "| m/version_0 | tiny | 135M | 0.912 | 1e-40 | 90.0% | 0.4% | 3 |"
+    assert rows[2] == "| m/version_0 | tiny | 135M | 200 | 3 | 5e-05 | 16 | 0.912 | 1e-40 | 90.0% | 0.4% | 47.0% | 2.5 | 1 x NVIDIA H100 |"
+    assert rows[3] == "| old/version_0 | tiny | 135M | - | 0 | - | - | n/a | n/a | 50.0% | 0.0% | n/a | - | - |"
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no summary.json" in _one_error_line(capsys.readouterr().err)
