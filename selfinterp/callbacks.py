@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,6 +93,8 @@ class VerificationCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.history: list[dict[str, Any]] = []
         self.last_run_dir: str | None = None  # where the results of the latest verification went
+        self.train_seconds = 0.0  # wall time in training epochs (steps and validation loss), verification excluded
+        self._epoch_start: float | None = None
 
     def run_dir(self, trainer: L.Trainer) -> Path:
         if self.run_name:
@@ -106,16 +111,23 @@ class VerificationCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.train_seconds = float(self.history[-1].get("train_seconds") or 0.0) if self.history else 0.0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run (fit --ckpt_path) keeps the history restored from the checkpoint and
         # does not verify the base model again.
         if trainer.ckpt_path is None:
-            self.history = []
+            self.history, self.train_seconds = [], 0.0
             if self.verify_base:
                 self.verify(trainer, pl_module, "epoch_0", 0)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch_start is not None:
+            self.train_seconds += time.perf_counter() - self._epoch_start
+            self._epoch_start = None
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if epoch % self.every_n_epochs == 0 or last or trainer.fast_dev_run:
@@ -162,7 +174,8 @@ class VerificationCallback(Callback):
         metrics = result.metrics
         self.history.append({"tag": tag, "epoch": step, **{k: metrics.get(k) for k in SCALARS},
                              "p_value": metrics.get("p_value"), "r_ci95": metrics.get("r_ci95"),
-                             "r_per_attribute": metrics.get("r_per_attribute")})
+                             "r_per_attribute": metrics.get("r_per_attribute"),
+                             "train_seconds": round(self.train_seconds, 1)})
         self.write_summary(trainer, pl_module, run)
         self.log_metrics(trainer, result, step)
         log.info("%s: r=%s agreement=%s parse_failure=%s", tag, metrics.get("r"), metrics.get("agreement"),
@@ -171,12 +184,26 @@ class VerificationCallback(Callback):
 
     def write_summary(self, trainer: L.Trainer, pl_module: L.LightningModule, run: Path) -> None:
         hp = dict(pl_module.hparams)
+        data: DecisionData = trainer.datamodule.load_data()
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
         summary = {
             "model": hp.get("model"),
             "n_params": sum(p.numel() for p in pl_module.parameters()),
             "n_trainable": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
             "lora_r": None if hp.get("full_finetune") else hp.get("lora_r"),
             "regression": self.regression,
+            "setup": {
+                "n_scenarios": len(data.scenarios),
+                "train_trials_per_scenario": len(data.train) / max(1, len(data.scenarios)),
+                "max_epochs": trainer.max_epochs,
+                "lr": groups[0].get("initial_lr", groups[0].get("lr")) if groups else None,
+                "full_finetune": bool(hp.get("full_finetune")),
+                "use_rslora": bool(hp.get("use_rslora")),
+                "batch_size": trainer.datamodule.hparams.get("batch_size"),
+                "devices": trainer.world_size,
+                "precision": str(trainer.precision),
+                "machine": machine(trainer),
+            },
             "epochs": self.history,
         }
         write_json(run / "summary.json", summary)
@@ -197,6 +224,14 @@ class VerificationCallback(Callback):
             if isinstance(logger, TensorBoardLogger):
                 fig = weight_comparison_figure(result.learned.filter(like="b_attr").to_numpy(float), result.targets, m.get("r"))
                 logger.experiment.add_figure("verify/weight_comparison", fig, global_step=step, close=True)
+
+
+def machine(trainer: L.Trainer) -> str:
+    """The accelerator the run trained on, in words (for result tables)."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return f"{trainer.world_size} x {torch.cuda.get_device_name(device)}"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def checkpoint_run_dir(ckpt_path: str | Path) -> Path | None:

@@ -28,7 +28,7 @@ def data_command(out: str = "data", **build_args: Any) -> list[str]:
 
 
 def report_command(results: str = "results") -> str:
-    """Print a Markdown table with one row per run found under a results folder.
+    """Print a Markdown table with one row per run found under a results folder (the last verified epoch of each).
 
     Args:
         results: Folder holding the runs' summary.json files (at any depth).
@@ -38,8 +38,9 @@ def report_command(results: str = "results") -> str:
     if not summaries:
         raise UserError(f"no summary.json under {root}; train with `python -m selfinterp fit --config ...` first")
     lines = [
-        "| Run | Model | Size | Correlation (r) | p-value | Agreement | Parse failures | Epochs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Run | Model | Size | Train trials / scenario | Epochs | lr | LoRA r | Correlation (r) | p-value | Agreement "
+        "| Parse failures | Share of A | Training min | Machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in summaries:
         try:
@@ -50,12 +51,18 @@ def report_command(results: str = "results") -> str:
         if not entries:
             continue
         last = entries[-1]
+        setup = summary.get("setup") or {}
         trained = [e["epoch"] for e in entries if e["tag"].startswith("epoch_")]
         size = f"{summary.get('n_params', 0) / 1e6:.0f}M"
+        rank = "full" if setup.get("full_finetune") else str(summary.get("lora_r", "-"))
+        seconds = last.get("train_seconds")
         lines.append(
-            f"| {path.parent.relative_to(root)} | {summary.get('model')} | {size} | {fmt(last.get('r'), '.3f', 'n/a')} | "
+            f"| {path.parent.relative_to(root)} | {summary.get('model')} | {size} | "
+            f"{fmt(setup.get('train_trials_per_scenario'), '.0f', '-')} | {max(trained) if trained else last['tag']} | "
+            f"{fmt(setup.get('lr'), '.2g', '-')} | {rank} | {fmt(last.get('r'), '.3f', 'n/a')} | "
             f"{fmt(last.get('p_value'), '.2g', 'n/a')} | {fmt(last.get('agreement'), '.1%', 'n/a')} | "
-            f"{fmt(last.get('parse_failure'), '.1%', 'n/a')} | {max(trained) if trained else last['tag']} |"
+            f"{fmt(last.get('parse_failure'), '.1%', 'n/a')} | {fmt(last.get('frac_A'), '.1%', 'n/a')} | "
+            f"{fmt(None if seconds is None else seconds / 60, '.1f', '-')} | {setup.get('machine', '-')} |"
         )
     table = "\n".join(lines)
     print(table)

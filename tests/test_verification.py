@@ -68,7 +68,9 @@ class Wrapper(torch.nn.Module):
 def fake_trainer(dm: DecisionDataModule, logger=None) -> SimpleNamespace:
     """The parts of a single-process Trainer the callback uses."""
     return SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, is_global_zero=True,
-                           precision_plugin=Precision(), logger=logger, loggers=[logger] if logger else [])
+                           precision_plugin=Precision(), logger=logger, loggers=[logger] if logger else [],
+                           optimizers=[], max_epochs=None, precision="32-true",
+                           strategy=SimpleNamespace(root_device=torch.device("cpu")))
 
 
 # --- parsing and scoring ----------------------------------------------------------------------
@@ -213,6 +215,14 @@ def test_fit_writes_every_result_file_and_tensorboard_scalars(tmp_path, monkeypa
     assert [e["tag"] for e in summary["epochs"]] == ["epoch_0", "epoch_1"]
     assert summary["model"] == str(chooser_model_dir) and summary["lora_r"] == 4
     assert all(e["r"] is not None for e in summary["epochs"])
+    setup = summary["setup"]
+    assert {k: setup[k] for k in ("n_scenarios", "train_trials_per_scenario", "max_epochs", "lr", "full_finetune",
+                                  "batch_size", "devices", "precision")} == {
+        "n_scenarios": 2, "train_trials_per_scenario": 6, "max_epochs": 1, "lr": 1e-3, "full_finetune": False,
+        "batch_size": 4, "devices": 1, "precision": "32-true"}
+    assert setup["machine"].startswith("CPU")
+    base, trained = summary["epochs"]
+    assert base["train_seconds"] == 0 and trained["train_seconds"] > 0
     logged = scalars(tmp_path / "lightning_logs" / "tiny" / "version_0")
     for key in ("verify/r", "verify/agreement", "verify/parse_failure", "verify/frac_A"):
         assert [step for step, _ in logged[key]] == [0, 1], key
