@@ -1,0 +1,55 @@
+"""scripts/sweep.py: sweep files are validated, every run trains under its own name, the table lists them."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_CONFIG
+from test_bench import load_script, run_script
+
+
+def _sweep_file(tmp_path, text: str):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: x.yaml\nname: s\nruns: {a: []}\n", "base config 'x.yaml' does not exist"),
+    ("base: {cfg}\nname: a/b\nruns: {a: []}\n", "name must be"),
+    ("base: {cfg}\nname: s\nruns: {a: --lr=1}\n", "run 'a' must be"),
+    ("base: {cfg}\nname: s\nruns: {}\n", "runs must map"),
+    ("base: {cfg}\nname: s\nruns: {a: []}\nepochs: 3\n", "may have common; nothing else"),
+    ("base: {cfg}\nname: s\ncommon: --x\nruns: {a: []}\n", "common must be"),
+    ("base: [\n", "not valid YAML"),
+])
+def test_bad_sweep_files_end_with_one_clear_error(tmp_path, capsys, text, message):
+    sweep = load_script("sweep")
+    path = _sweep_file(tmp_path, text.replace("{cfg}", str(TINY_CONFIG)))
+    assert sweep.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_unknown_run_names_are_refused_and_dry_run_prints_the_commands(tmp_path, capsys):
+    sweep = load_script("sweep")
+    path = _sweep_file(tmp_path, f"base: {TINY_CONFIG}\nname: s\ncommon: ['--data.n_train=3']\nruns:\n  a: []\n  b: ['--model.lora_r=8']\n")
+    assert sweep.main([str(path), "--only", "c"]) == 2
+    assert "no run named c" in capsys.readouterr().err
+    assert sweep.main([str(path), "--only", "b", "--dry_run", "--extra=--trainer.max_epochs=2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"=== [1/1] b: -m selfinterp fit --config {TINY_CONFIG} --data.n_train=3 --model.lora_r=8 "
+                   "--trainer.max_epochs=2 --trainer.logger.init_args.name=s/b"]
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_sweep_trains_each_run_under_its_name_and_prints_the_table(tmp_path, tiny_model_dir):
+    path = _sweep_file(tmp_path, f"base: {TINY_CONFIG}\nname: s\nruns:\n  lr-a: []\n  lr-b: ['--model.optimizer.init_args.lr=0.01']\n")
+    lines = run_script("sweep", str(path), f"--extra=--model.model={tiny_model_dir} --data.n_train=4", cwd=tmp_path)
+    rows = [line for line in lines if line.startswith("| lr-")]
+    assert [row.split(" | ")[0] for row in rows] == ["| lr-a/version_0", "| lr-b/version_0"]
+    assert [row.split(" | ")[5] for row in rows] == ["0.001", "0.01"]  # each run's own learning rate
+    assert [row.split(" | ")[3] for row in rows] == ["4", "4"]  # the extra options reach every run
+    for run in ("lr-a", "lr-b"):
+        assert (tmp_path / "lightning_logs" / "s" / run / "checkpoints" / "last.ckpt").is_file()
