@@ -41,7 +41,8 @@ def parse(*args: str):
 
 
 def _config_files() -> list[Path]:
-    return sorted(CONFIGS.rglob("*.yaml"))
+    """Every fit config; sweep files (configs/sweeps/) are checked by their own test."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "sweeps")
 
 
 def _parse_args(path: Path) -> list[str]:
@@ -71,6 +72,21 @@ def test_every_config_parses(path):
     if path.parent.name == "trainer":  # the overlay's values win over the quickstart's
         overlay = yaml.safe_load(path.read_text())["trainer"]
         assert {k: config.trainer[k] for k in overlay} == overlay
+
+
+SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_run_of_every_sweep_file_parses(path, monkeypatch):
+    from test_bench import load_script
+
+    monkeypatch.chdir(ROOT)
+    base, name, runs = load_script("sweep").load_sweep(path)
+    assert runs
+    for run, options in runs.items():
+        config = parse("--config", base, *options, f"--trainer.logger.init_args.name={name}/{run}")
+        assert config.trainer.logger.init_args.name == f"{name}/{run}"
 
 
 def test_quickstart_values_are_what_it_says():
