@@ -194,6 +194,15 @@ def pooled_metrics(learned: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def ranking_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """ROC AUC of ``scores`` for the ``positive`` rows (ties count half); None without both classes."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = stats.rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def analyze(
     decisions: pd.DataFrame,
     scenarios: Sequence[Scenario],
@@ -219,8 +228,15 @@ def analyze(
     scenario_of = df["scenario"].to_numpy()
     ids = sorted(int(s) for s in np.unique(scenario_of))
     learned = np.full((len(ids), N_ATTRIBUTES), np.nan)
-    dropped, agree = [], 0
+    dropped, agree, aucs = [], 0, []
+    p_b = pd.to_numeric(df["p_b"], errors="coerce").to_numpy(float) if "p_b" in df else None
     for row, s in enumerate(ids):
+        if p_b is not None:  # every row: P(B) exists whatever the greedy answer was
+            mine = (scenario_of == s) & ~np.isnan(p_b)
+            rule_b = np.array([target_choice(scenarios[s], weights[s], ai, bi) == "B" for ai, bi in
+                               zip(df.loc[mine, A_COLS].to_numpy(), df.loc[mine, B_COLS].to_numpy())], dtype=bool)
+            if (auc := ranking_auc(p_b[mine], rule_b)) is not None:
+                aucs.append(auc)
         rows = (scenario_of == s) & valid
         a, b = df.loc[rows, A_COLS].to_numpy(), df.loc[rows, B_COLS].to_numpy()
         chose = selection[rows]
@@ -239,6 +255,9 @@ def analyze(
         "agreement": agree / n_valid if n_valid else None,
         "parse_failure": (n - n_valid) / n,
         "frac_A": float(np.mean(selection == "A")),
+        # How well P(B) ranks each scenario's trials by the target rule (mean over scenarios): 0.5 when
+        # P(B) ignores the rule, 1 when it orders them perfectly. It moves before the greedy choices do.
+        "auc": float(np.mean(aucs)) if aucs else None,
         "n_decisions": n,
         "n_valid": n_valid,
         "n_scenarios": len(ids),
@@ -280,7 +299,8 @@ def summary(metrics: dict[str, Any]) -> str:
         f"r = {fmt(metrics['r'], '.3f')}{ci_text} (p = {fmt(metrics['p_value'], '.2g')}) over "
         f"{N_ATTRIBUTES * metrics['n_scenarios_fit']} weights from {metrics['n_scenarios_fit']} of "
         f"{metrics['n_scenarios']} scenarios ({metrics['regression']} regression)",
-        f"agreement with the target rule: {fmt(metrics['agreement'], '.1%')} of {metrics['n_valid']} valid answers",
+        f"agreement with the target rule: {fmt(metrics['agreement'], '.1%')} of {metrics['n_valid']} valid answers"
+        + (f"; P(B) ranks the trials by the rule with AUC {metrics['auc']:.3f}" if metrics.get("auc") is not None else ""),
         f"unparseable answers: {metrics['n_decisions'] - metrics['n_valid']} of {metrics['n_decisions']} "
         f"({metrics['parse_failure']:.1%})",
     ]

@@ -25,7 +25,7 @@ from selfinterp.plots import recovery_curve_figure, save_figure, weight_comparis
 from selfinterp.scoring import Choice, score_prompts
 
 log = logging.getLogger(__name__)
-SCALARS = ["r", "agreement", "parse_failure", "mae", "rmse", "frac_A", "spearman", "mean_scenario_r"]
+SCALARS = ["r", "agreement", "auc", "parse_failure", "mae", "rmse", "frac_A", "spearman", "mean_scenario_r"]
 
 
 def select_trials(data: DecisionData, n_scenarios: int | None, n_trials: int | None) -> list[int]:

@@ -39,8 +39,8 @@ def report_command(results: str = "results") -> str:
         raise UserError(f"no summary.json under {root}; train with `python -m selfinterp fit --config ...` first")
     lines = [
         "| Run | Model | Size | Train trials / scenario | Epochs | lr | LoRA r | Correlation (r) | p-value | Agreement "
-        "| Parse failures | Share of A | Training min | Machine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| AUC | Parse failures | Share of A | Training min | Machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in summaries:
         try:
@@ -61,7 +61,7 @@ def report_command(results: str = "results") -> str:
             f"{fmt(setup.get('train_trials_per_scenario'), '.0f', '-')} | {max(trained) if trained else last['tag']} | "
             f"{fmt(setup.get('lr'), '.2g', '-')} | {rank} | {fmt(last.get('r'), '.3f', 'n/a')} | "
             f"{fmt(last.get('p_value'), '.2g', 'n/a')} | {fmt(last.get('agreement'), '.1%', 'n/a')} | "
-            f"{fmt(last.get('parse_failure'), '.1%', 'n/a')} | {fmt(last.get('frac_A'), '.1%', 'n/a')} | "
+            f"{fmt(last.get('auc'), '.3f', 'n/a')} | {fmt(last.get('parse_failure'), '.1%', 'n/a')} | {fmt(last.get('frac_A'), '.1%', 'n/a')} | "
             f"{fmt(None if seconds is None else seconds / 60, '.1f', '-')} | {setup.get('machine', '-')} |"
         )
     table = "\n".join(lines)

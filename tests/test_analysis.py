@@ -23,7 +23,7 @@ from selfinterp.trials import Trial
 RANGES = [[0, 100], [1, 5], [0, 0.5], [10, 1000], [-20, 40]]
 METRIC_KEYS = {
     "regression", "r", "p_value", "r_ci95", "spearman", "r_per_attribute", "mean_scenario_r", "mae", "rmse",
-    "agreement", "parse_failure", "frac_A", "n_decisions", "n_valid", "n_scenarios", "n_scenarios_fit",
+    "agreement", "auc", "parse_failure", "frac_A", "n_decisions", "n_valid", "n_scenarios", "n_scenarios_fit",
     "scenarios_dropped",
 }
 
@@ -94,6 +94,21 @@ def test_all_a_gives_no_weights_and_says_so(data: DecisionData) -> None:
     assert result.learned[LEARNED_COLS].isna().all().all()
     text = summary(m)
     assert "r = undefined" in text and "0 (one class)" in text
+
+
+def test_auc_sees_p_b_follow_the_rule_while_every_greedy_answer_is_a(data: DecisionData) -> None:
+    trials = [t for t in data.test_trials if t.scenario < 10]
+    decisions = frame(trials, ["A"] * len(trials))
+    assert analyze(decisions, data.scenarios, data.weights).metrics["auc"] is None  # no P(B) column
+    # P(B) below one half everywhere, but higher on the trials whose target is B
+    decisions["p_b"] = [0.30 if t.label == "B" else 0.20 for t in trials]
+    m = analyze(decisions, data.scenarios, data.weights).metrics
+    assert m["auc"] == 1.0 and m["frac_A"] == 1.0 and m["n_scenarios_fit"] == 0
+    decisions["p_b"] = 0.25  # P(B) ignores the trial: ties everywhere
+    assert analyze(decisions, data.scenarios, data.weights).metrics["auc"] == 0.5
+    decisions["p_b"] = [0.20 if t.label == "B" else 0.30 for t in trials]
+    assert analyze(decisions, data.scenarios, data.weights).metrics["auc"] == 0.0
+    assert "AUC 0.000" in summary(analyze(decisions, data.scenarios, data.weights).metrics)
 
 
 def test_separated_scenario_is_finite_under_paper_and_dropped_under_mle(data: DecisionData) -> None:

@@ -152,6 +152,7 @@ def test_verify_with_an_oracle_recovers_the_weights(tmp_path, tokenizer):
     logger.experiment.flush()
     assert metrics["r"] >= 0.95
     assert metrics["agreement"] == 1.0 and metrics["parse_failure"] == 0.0 and metrics["n_scenarios_fit"] == 20
+    assert metrics["auc"] == 1.0
     decisions = pd.read_csv(tmp_path / "oracle" / "epoch_1" / "inference_decisions.csv")
     assert len(decisions) == 1000
     assert (decisions["selection"] == decisions["target"]).all()
@@ -224,7 +225,7 @@ def test_fit_writes_every_result_file_and_tensorboard_scalars(tmp_path, monkeypa
     base, trained = summary["epochs"]
     assert base["train_seconds"] == 0 and trained["train_seconds"] > 0
     logged = scalars(tmp_path / "lightning_logs" / "tiny" / "version_0")
-    for key in ("verify/r", "verify/agreement", "verify/parse_failure", "verify/frac_A"):
+    for key in ("verify/r", "verify/agreement", "verify/auc", "verify/parse_failure", "verify/frac_A"):
         assert [step for step, _ in logged[key]] == [0, 1], key
     assert [v for _, v in logged["verify/r"]] == pytest.approx([e["r"] for e in summary["epochs"]])
     assert "train/loss_step" in logged and "val/loss" in logged
