@@ -23,10 +23,12 @@ from selfinterp.catalog import N_ATTRIBUTES, Attribute, Scenario, apply_roles, l
 from selfinterp.errors import UserError
 from selfinterp.prompts import DECISION_PROMPT, SYSTEM_PROMPT, chat_messages
 from selfinterp.trials import (
+    CONTRAST_SEED,
     TEST_SEED,
     TRAIN_SEED,
     WEIGHTS_SEED,
     Trial,
+    draw_contrast_trials,
     draw_trials,
     draw_weights,
     load_roles,
@@ -78,15 +80,18 @@ def build_data(
     n_val: int = 10,
     n_test: int = 50,
     extra_train: int = 0,
+    contrast_train: int = 0,
     weights_seed: int = WEIGHTS_SEED,
     train_seed: int = TRAIN_SEED,
     test_seed: int = TEST_SEED,
+    contrast_seed: int = CONTRAST_SEED,
 ) -> DecisionData:
     """Generate the data set: weights (seed 1), train+val (seed 2), test (seed 7).
 
     Per scenario, ``n_train + n_val`` trials are drawn from the seed-2 stream (the first
     ``n_train`` train, the rest validate); ``extra_train`` more training trials per scenario
-    continue that stream afterwards, so the paper's records stay unchanged.
+    continue that stream afterwards, so the paper's records stay unchanged. ``contrast_train``
+    adds trials whose options differ in one attribute only (seed 3), after each scenario's others.
 
     Args:
         n_scenarios: Use the first N scenarios of the catalog.
@@ -98,15 +103,18 @@ def build_data(
         n_val: Validation trials per scenario, drawn right after the training ones (the paper's 10).
         n_test: Held-out test trials per scenario (seed 7) used for verification.
         extra_train: Extra training trials per scenario, continuing the training stream.
+        contrast_train: Extra training trials per scenario whose options differ in one attribute only
+            (cycling through the five), labelled by the same rule: easy pairs for the model to start from.
         weights_seed: Seed of the target weights.
         train_seed: Seed of the training and validation trials.
         test_seed: Seed of the held-out test trials.
+        contrast_seed: Seed of the one-attribute contrast trials.
     """
     for name, value in [("n_scenarios", n_scenarios), ("n_train", n_train), ("n_test", n_test)]:
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
-    if n_val < 0 or extra_train < 0:
-        raise UserError("n_val and extra_train must not be negative")
+    if n_val < 0 or extra_train < 0 or contrast_train < 0:
+        raise UserError("n_val, extra_train and contrast_train must not be negative")
     scenarios = load_catalog(catalog)
     if n_scenarios > len(scenarios):
         raise UserError(f"n_scenarios={n_scenarios} but the catalog has only {len(scenarios)} scenarios")
@@ -116,8 +124,9 @@ def build_data(
     weights = draw_weights(len(scenarios), weights_seed)
     paper = draw_trials(scenarios, weights, n_train + n_val, train_seed)
     extra = draw_trials(scenarios, weights, extra_train, None) if extra_train else [[] for _ in scenarios]
+    contrast = draw_contrast_trials(scenarios, weights, contrast_train, contrast_seed)
     test = draw_trials(scenarios, weights, n_test, test_seed)
-    train_trials = [t for ts, more in zip(paper, extra) for t in ts[:n_train] + more]
+    train_trials = [t for ts, more, easy in zip(paper, extra, contrast) for t in ts[:n_train] + more + easy]
     val_trials = [t for ts in paper for t in ts[n_train:]]
     test_trials = [t for ts in test for t in ts]
     seen = {(t.scenario, t.a, t.b) for t in train_trials + val_trials}

@@ -19,6 +19,7 @@ from selfinterp.errors import UserError
 WEIGHTS_SEED = 1
 TRAIN_SEED = 2
 TEST_SEED = 7
+CONTRAST_SEED = 3
 ROLES_SEED = 0
 
 
@@ -99,6 +100,30 @@ def draw_trials(
         for _ in range(per_scenario):
             a, b = draw_option(s), draw_option(s)
             trials.append(Trial(i, a, b, target_choice(s, w, a, b)))
+        out.append(trials)
+    return out
+
+
+def draw_contrast_trials(
+    scenarios: Sequence[Scenario], weights: Sequence[Sequence[int]], per_scenario: int, seed: int = CONTRAST_SEED
+) -> list[list[Trial]]:
+    """For each scenario, ``per_scenario`` trials whose options differ in one attribute only.
+
+    The attribute cycles through the five; option A is drawn as usual and B copies it with that one
+    value redrawn until it differs. Labels follow the target rule, which for such a pair reduces
+    to the sign of that attribute's weight: an easier step towards the full five-attribute rule.
+    """
+    random.seed(seed)
+    out = []
+    for i, (s, w) in enumerate(zip(scenarios, weights)):
+        trials = []
+        for j in range(per_scenario):
+            k, attr = j % N_ATTRIBUTES, s.attributes[j % N_ATTRIBUTES]
+            a = draw_option(s)
+            b = list(a)
+            while b[k] == a[k]:
+                b[k] = round(random.uniform(attr.lo, attr.hi), decimals(attr))
+            trials.append(Trial(i, a, tuple(b), target_choice(s, w, a, b)))
         out.append(trials)
     return out
 

@@ -38,6 +38,7 @@ from selfinterp.trials import (
     WEIGHTS_SEED,
     Trial,
     decimals,
+    draw_contrast_trials,
     draw_option,
     draw_trials,
     draw_weights,
@@ -376,6 +377,35 @@ def test_extra_training_records_follow_the_papers(data: DecisionData) -> None:
         assert all(scenario_of(data, r) == data.scenarios[i] for r in block[N_TRAIN:])
     assert data.val == base.val and data.test == base.test and data.weights == base.weights
     assert not {r.user for r in data.train[N_TRAIN:per]} & {r.user for r in base.train}
+
+
+def test_contrast_trials_differ_in_one_attribute_labelled_by_that_weights_sign(data: DecisionData) -> None:
+    per = 12
+    trials = draw_contrast_trials(data.scenarios, data.weights, per)
+    assert [len(ts) for ts in trials] == [per] * len(data.scenarios)
+    for i, ts in enumerate(trials):
+        scenario, weights = data.scenarios[i], data.weights[i]
+        for j, t in enumerate(ts):
+            changed = [k for k in range(5) if t.a[k] != t.b[k]]
+            assert changed == [j % 5]  # one attribute, cycling through the five
+            (k,) = changed
+            attr = scenario.attributes[k]
+            assert attr.lo <= t.b[k] <= attr.hi and round(t.b[k], decimals(attr)) == t.b[k]
+            assert t.label == target_choice(scenario, weights, t.a, t.b)
+            if weights[k]:  # the rule reduces to: more of a positively weighted attribute wins
+                assert t.label == ("A" if (t.a[k] > t.b[k]) == (weights[k] > 0) else "B")
+    assert draw_contrast_trials(data.scenarios, data.weights, per) == trials  # seeded
+
+
+def test_contrast_training_records_come_after_each_scenarios_others(data: DecisionData) -> None:
+    more = build_data(n_scenarios=5, **small(extra_train=3, contrast_train=4))
+    per, easy = N_TRAIN + 3, 4
+    contrast = draw_contrast_trials(data.scenarios, data.weights, easy)
+    for i in range(5):
+        block = more.train[i * (per + easy):(i + 1) * (per + easy)]
+        assert block[:per] == data.train[i * per:(i + 1) * per]
+        assert [r.answer for r in block[per:]] == [t.label for t in contrast[i]]
+    assert more.val == data.val and more.test == data.test
 
 
 def test_build_data_rejects_bad_sizes() -> None:
