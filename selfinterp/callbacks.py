@@ -210,7 +210,7 @@ class VerificationCallback(Callback):
         curve = [h for h in self.history if h["tag"].startswith("epoch_")]
         if curve:
             fig = recovery_curve_figure([h["epoch"] for h in curve], [h["r"] for h in curve],
-                                        [h["agreement"] for h in curve])
+                                        [h["agreement"] for h in curve], [h.get("auc") for h in curve])
             save_figure(fig, run / "recovery_curve.png")
 
     def log_metrics(self, trainer: L.Trainer, result, step: int) -> None:

@@ -66,8 +66,14 @@ def per_attribute_figure(learned: np.ndarray, targets: np.ndarray) -> Figure:
     return fig
 
 
-def recovery_curve_figure(epochs: Sequence[int], r: Sequence[float | None], agreement: Sequence[float | None]) -> Figure:
-    """Pooled r and agreement with the target rule against training epoch (epoch 0 = the base model)."""
+def recovery_curve_figure(
+    epochs: Sequence[int], r: Sequence[float | None], agreement: Sequence[float | None],
+    auc: Sequence[float | None] | None = None,
+) -> Figure:
+    """Pooled r, agreement with the target rule and (when given) the AUC of P(B) against training epoch.
+
+    Epoch 0 is the base model.
+    """
 
     def values(xs: Sequence[float | None]) -> np.ndarray:
         return np.array([np.nan if x is None else x for x in xs], dtype=float)
@@ -75,6 +81,8 @@ def recovery_curve_figure(epochs: Sequence[int], r: Sequence[float | None], agre
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, values(r), marker="o", label="r (learned vs target weights)")
     ax.plot(epochs, values(agreement), marker="s", label="agreement with target rule")
+    if auc is not None and any(a is not None for a in auc):
+        ax.plot(epochs, values(auc), marker="^", label="AUC of P(B) for the rule's choice")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("epoch (0 = base model)")
     ax.set_ylabel("value")

@@ -201,8 +201,13 @@ def test_analyze_command_writes_results(data: DecisionData, tmp_path: Path, caps
 
 
 def test_recovery_curve_tolerates_missing_points(tmp_path: Path) -> None:
-    save_figure(recovery_curve_figure([0, 1, 2], [None, 0.5, 0.9], [0.5, None, 0.95]), tmp_path / "curve.png")
+    fig = recovery_curve_figure([0, 1, 2], [None, 0.5, 0.9], [0.5, None, 0.95], [0.5, 0.7, None])
+    assert [line.get_label() for line in fig.axes[0].lines][:3] == [
+        "r (learned vs target weights)", "agreement with target rule", "AUC of P(B) for the rule's choice"]
+    save_figure(fig, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    without_auc = recovery_curve_figure([0, 1], [None, 0.5], [0.5, 0.6], [None, None])
+    assert "AUC of P(B) for the rule's choice" not in [line.get_label() for line in without_auc.axes[0].lines]
 
 
 def test_analysis_does_not_import_torch() -> None:
