@@ -230,17 +230,17 @@ def analyze(
     learned = np.full((len(ids), N_ATTRIBUTES), np.nan)
     dropped, agree, aucs = [], 0, []
     p_b = pd.to_numeric(df["p_b"], errors="coerce").to_numpy(float) if "p_b" in df else None
+    a_all, b_all = df[A_COLS].to_numpy(), df[B_COLS].to_numpy()
     for row, s in enumerate(ids):
-        if p_b is not None:  # every row: P(B) exists whatever the greedy answer was
-            mine = (scenario_of == s) & ~np.isnan(p_b)
-            rule_b = np.array([target_choice(scenarios[s], weights[s], ai, bi) == "B" for ai, bi in
-                               zip(df.loc[mine, A_COLS].to_numpy(), df.loc[mine, B_COLS].to_numpy())], dtype=bool)
-            if (auc := ranking_auc(p_b[mine], rule_b)) is not None:
+        mine = scenario_of == s
+        rule = np.array([target_choice(scenarios[s], weights[s], ai, bi) for ai, bi in zip(a_all[mine], b_all[mine])])
+        ok = valid[mine]
+        a, b, chose = a_all[mine][ok], b_all[mine][ok], selection[mine][ok]
+        agree += int((rule[ok] == chose).sum())
+        if p_b is not None:  # over every row: P(B) exists whatever the greedy answer was
+            has = ~np.isnan(p_b[mine])
+            if (auc := ranking_auc(p_b[mine][has], rule[has] == "B")) is not None:
                 aucs.append(auc)
-        rows = (scenario_of == s) & valid
-        a, b = df.loc[rows, A_COLS].to_numpy(), df.loc[rows, B_COLS].to_numpy()
-        chose = selection[rows]
-        agree += sum(target_choice(scenarios[s], weights[s], ai, bi) == c for ai, bi, c in zip(a, b, chose))
         ranges = np.array([attr.hi - attr.lo for attr in scenarios[s].attributes])
         try:
             learned[row] = _fit_scenario((a - b) / ranges, chose == "A", regression, min_valid)

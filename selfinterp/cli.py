@@ -33,8 +33,7 @@ class SelfInterpCLI(LightningCLI):
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or {}
-        logger = trainer.get("logger")
-        init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, (bool, list)) else None
+        init = getattr(trainer.get("logger"), "init_args", None)  # None for no logger, true/false or a list
         folder = Path(init.get("save_dir") or "lightning_logs") / str(init.get("name") or "default") if init else Path("lightning_logs")
         for callback in trainer.get("callbacks") or []:
             if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
