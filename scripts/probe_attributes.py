@@ -143,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
           f"forward passes {seconds:.1f} s")
     print(f"base model: A-minus-B margin sd {margins.std():.3f}, mean correlation with the utility difference "
           f"{np.nanmean(margin_r):.3f}, share answering A {(margins > 0).mean():.1%}")
-    rows = [[f"{layer}" + (" (embeddings)" if layer == 0 else " (final norm)" if layer == n_layers - 1 else ""),
-             float(diff_r2[:, layer].mean()), float(util_r2[:, layer].mean()), float(sign_acc[:, layer].mean())]
-            for layer in range(n_layers)]
-    bc.print_table(["layer", "CV R^2 attribute differences", "CV R^2 utility difference", "choice accuracy"], rows)
+    table = [[f"{layer}" + (" (embeddings)" if layer == 0 else " (final norm)" if layer == n_layers - 1 else ""),
+              float(diff_r2[:, layer].mean()), float(util_r2[:, layer].mean()), float(sign_acc[:, layer].mean())]
+             for layer in range(n_layers)]
+    bc.print_table(["layer", "CV R^2 attribute differences", "CV R^2 utility difference", "choice accuracy"], table)
     best = int(util_r2.mean(0).argmax())
     print(f"best layer: {best}, utility-difference R^2 {util_r2[:, best].mean():.3f}, "
           f"attribute-difference R^2 {diff_r2[:, best].mean():.3f}, choice accuracy {sign_acc[:, best].mean():.3f}")
