@@ -83,37 +83,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
     try:
-        base, name, runs = load_sweep(args.sweep)
-        unknown = sorted(set(args.only or []) - set(runs))
-        if unknown:
-            raise UserError(f"no run named {', '.join(unknown)} in {args.sweep}; it has {', '.join(runs)}")
+        return run_sweep(args.sweep, args.only, shlex.split(args.extra), args.results, args.dry_run)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    selected = [r for r in runs if not args.only or r in args.only]
+
+
+def run_sweep(sweep: str, only: list[str] | None, extra: list[str], results: str, dry_run: bool) -> int:
+    """Run the selected runs of a sweep file in turn, print the table; 1 if any run failed."""
+    base, name, runs = load_sweep(sweep)
+    unknown = sorted(set(only or []) - set(runs))
+    if unknown:
+        raise UserError(f"no run named {', '.join(unknown)} in {sweep}; it has {', '.join(runs)}")
+    selected = [r for r in runs if not only or r in only]
     failed = []
     for k, run in enumerate(selected, 1):
-        command = fit_command(sys.executable, base, name, run, runs[run], shlex.split(args.extra))
+        command = fit_command(sys.executable, base, name, run, runs[run], extra)
         print(f"=== [{k}/{len(selected)}] {run}: {shlex.join(command[1:])}", flush=True)
-        if args.dry_run:
+        if dry_run:
             continue
         start = time.perf_counter()
         code = subprocess.call(command)
         print(f"=== {run}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
         if code:
             failed.append(run)
-    if args.dry_run:
+    if dry_run:
         return 0
-    try:
-        report_command(str(Path(args.results) / name))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report_command(str(Path(results) / name))
     if failed:
         print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
