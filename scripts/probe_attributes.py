@@ -35,6 +35,7 @@ from selfinterp.datamodule import prompt_text
 from selfinterp.dataset import build_data
 from selfinterp.errors import UserError
 from selfinterp.models import load_model, load_tokenizer
+from selfinterp.scoring import letter_ids
 from selfinterp.trials import TEST_SEED, utility
 
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
@@ -81,7 +82,7 @@ def r2(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
 def answer_states(model, tokenizer, prompts: list[str], batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Every layer's hidden state at each prompt's last token (n x layers+1 x d), and the A-minus-B margin there."""
     device = next(model.parameters()).device
-    a_id, b_id = (tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in ("A", "B"))
+    a_id, b_id = letter_ids(tokenizer)
     states, margins = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc="forward passes", disable=not progress, leave=False):
         # Right padding keeps every prompt's positions exactly as in training and verification.
