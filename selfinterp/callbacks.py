@@ -175,7 +175,7 @@ class VerificationCallback(Callback):
         self.history.append({"tag": tag, "epoch": step, **{k: metrics.get(k) for k in SCALARS},
                              "p_value": metrics.get("p_value"), "r_ci95": metrics.get("r_ci95"),
                              "r_per_attribute": metrics.get("r_per_attribute"),
-                             "train_seconds": round(self.train_seconds, 1)})
+                             "train_seconds": self.train_seconds})
         self.write_summary(trainer, pl_module, run)
         self.log_metrics(trainer, result, step)
         log.info("%s: r=%s agreement=%s parse_failure=%s", tag, metrics.get("r"), metrics.get("agreement"),
