@@ -81,15 +81,18 @@ class ShuffledBatchSampler(Sampler[list[int]]):
 
     Each epoch (seeded by ``seed + epoch``): shuffle; with ``group_by_length``, cut into chunks of
     ``batch_size * 32`` and sort each chunk by length; cut into batches; shuffle the batches.
+    With ``stages`` (one curriculum stage per example), every epoch does this for each stage on its
+    own and serves the stages' batches in ascending stage order, so no batch mixes stages.
     Under DDP each rank takes every world-size-th batch (all ranks get the same number).
     """
 
     def __init__(
         self, lengths: Sequence[int], batch_size: int, group_by_length: bool = True, seed: int = 0,
-        rank: int = 0, world: int = 1,
+        rank: int = 0, world: int = 1, stages: Sequence[int] | None = None,
     ) -> None:
         self.lengths, self.batch_size, self.group = list(lengths), batch_size, group_by_length
         self.seed, self.rank, self.world = seed, rank, world
+        self.stages = list(stages) if stages is not None else [0] * len(self.lengths)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -97,16 +100,19 @@ class ShuffledBatchSampler(Sampler[list[int]]):
 
     def _batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        chunk = self.batch_size * 32 if self.group else len(order)
         batches = []
-        for start in range(0, len(order), chunk):
-            part = order[start:start + chunk]
-            if self.group:
-                part.sort(key=lambda i: self.lengths[i])
-            batches += [part[k:k + self.batch_size] for k in range(0, len(part), self.batch_size)]
-        rng.shuffle(batches)
+        for stage in sorted(set(self.stages)):
+            order = [i for i, st in enumerate(self.stages) if st == stage]
+            rng.shuffle(order)
+            chunk = self.batch_size * 32 if self.group else len(order)
+            stage_batches = []
+            for start in range(0, len(order), chunk):
+                part = order[start:start + chunk]
+                if self.group:
+                    part.sort(key=lambda i: self.lengths[i])
+                stage_batches += [part[k:k + self.batch_size] for k in range(0, len(part), self.batch_size)]
+            rng.shuffle(stage_batches)
+            batches += stage_batches
         usable = len(batches) - len(batches) % self.world if len(batches) >= self.world else len(batches)
         return batches[:usable][self.rank::self.world]
 
@@ -127,6 +133,7 @@ class DecisionDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         group_by_length: bool = True,
         loss_on: Literal["answer", "letter"] = "answer",
+        curriculum: bool = False,
         num_workers: int = 0,
         seed: int = 0,
         **build_args: Any,
@@ -139,6 +146,8 @@ class DecisionDataModule(L.LightningDataModule):
             eval_batch_size: Validation batch size per device.
             group_by_length: Batch examples of similar length together (less padding).
             loss_on: "answer" (letter + end-of-turn token) or "letter" (the letter only).
+            curriculum: In every epoch, train on all attribute questions (``attribute_train``, stage 0)
+                before any decision (stage 1); otherwise the two are shuffled together.
             num_workers: DataLoader worker processes.
             seed: Shuffling seed.
             **build_args: The data set's parameters (see :func:`selfinterp.dataset.build_data`).
@@ -148,6 +157,9 @@ class DecisionDataModule(L.LightningDataModule):
             raise UserError("data.batch_size and data.eval_batch_size must be at least 1")
         self.save_hyperparameters()
         self.data: DecisionData = read_data(data_dir) if data_dir else build_data(**build_args)
+        if curriculum and not any(r.stage == 0 for r in self.data.train):
+            raise UserError("data.curriculum needs attribute questions among the training records; "
+                            "set data.attribute_train > 0 (or drop data.curriculum)")
         self.tokenizer = None
 
     def load_data(self) -> DecisionData:
@@ -170,8 +182,9 @@ class DecisionDataModule(L.LightningDataModule):
         h = self.hparams
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        stages = [r.stage for r in self.data.train] if h.curriculum else None
         sampler = ShuffledBatchSampler(
-            [len(e.input_ids) for e in self.train_set.items], h.batch_size, h.group_by_length, h.seed, rank, world
+            [len(e.input_ids) for e in self.train_set.items], h.batch_size, h.group_by_length, h.seed, rank, world, stages
         )
         if trainer is not None:
             sampler.set_epoch(trainer.current_epoch)

@@ -4,6 +4,7 @@ Files in a data folder:
   scenarios.csv                  scenario,question,attr1..5,attr1_min..5,attr1_max..5 (+ attr1_units..5)
   instilled_weights.csv          scenario,attr1..attr5 (integers, largest |w| = 100)
   instill_100_prefs.jsonl        training records {"messages": [system, user, assistant]}
+                                 (curriculum questions carry "stage": 0 as well)
   instill_100_prefs_val.jsonl    validation records
   instill_100_prefs_test.jsonl   held-out test records (seed 7)
   test_trials.csv                the test trials' raw values: scenario,trial,A_attribute_1..5,B_attribute_1..5,target
@@ -21,13 +22,16 @@ from typing import Any, Sequence
 from selfinterp.atomic import write_text
 from selfinterp.catalog import N_ATTRIBUTES, Attribute, Scenario, apply_roles, load_catalog
 from selfinterp.errors import UserError
-from selfinterp.prompts import DECISION_PROMPT, SYSTEM_PROMPT, chat_messages
+from selfinterp.prompts import ATTRIBUTE_PROMPT, DECISION_PROMPT, SYSTEM_PROMPT, chat_messages
 from selfinterp.trials import (
+    ATTRIBUTE_SEED,
     CONTRAST_SEED,
     TEST_SEED,
     TRAIN_SEED,
     WEIGHTS_SEED,
+    AttributeQuestion,
     Trial,
+    draw_attribute_questions,
     draw_contrast_trials,
     draw_trials,
     draw_weights,
@@ -48,11 +52,15 @@ B_COLS = [f"B_attribute_{i}" for i in ATTRS]
 
 @dataclass(frozen=True)
 class Record:
-    """One chat example: system prompt, user message and the target answer letter."""
+    """One chat example: system prompt, user message and the target answer letter.
+
+    ``stage`` is its curriculum stage: 0 for a question about one attribute, 1 for a decision.
+    """
 
     system: str
     user: str
     answer: str
+    stage: int = 1
 
     def messages(self, with_answer: bool = True) -> list[dict[str, str]]:
         return chat_messages(self.system, self.user, self.answer if with_answer else None)
@@ -81,17 +89,21 @@ def build_data(
     n_test: int = 50,
     extra_train: int = 0,
     contrast_train: int = 0,
+    attribute_train: int = 0,
+    attribute_prompt: str = ATTRIBUTE_PROMPT,
     weights_seed: int = WEIGHTS_SEED,
     train_seed: int = TRAIN_SEED,
     test_seed: int = TEST_SEED,
     contrast_seed: int = CONTRAST_SEED,
+    attribute_seed: int = ATTRIBUTE_SEED,
 ) -> DecisionData:
     """Generate the data set: weights (seed 1), train+val (seed 2), test (seed 7).
 
     Per scenario, ``n_train + n_val`` trials are drawn from the seed-2 stream (the first
     ``n_train`` train, the rest validate); ``extra_train`` more training trials per scenario
     continue that stream afterwards, so the paper's records stay unchanged. ``contrast_train``
-    adds trials whose options differ in one attribute only (seed 3), after each scenario's others.
+    adds trials whose options differ in one attribute only (seed 3), after each scenario's others;
+    ``attribute_train`` adds questions about one attribute (seed 4, curriculum stage 0) after those.
 
     Args:
         n_scenarios: Use the first N scenarios of the catalog.
@@ -105,16 +117,21 @@ def build_data(
         extra_train: Extra training trials per scenario, continuing the training stream.
         contrast_train: Extra training trials per scenario whose options differ in one attribute only
             (cycling through the five), labelled by the same rule: easy pairs for the model to start from.
+        attribute_train: Training questions per scenario about one attribute ("Which option has the
+            higher price?", answered by the values, not the weights): a first curriculum stage that
+            teaches reading and comparing the attributes (see ``data.curriculum``).
+        attribute_prompt: Instruction placed before an attribute question's text.
         weights_seed: Seed of the target weights.
         train_seed: Seed of the training and validation trials.
         test_seed: Seed of the held-out test trials.
         contrast_seed: Seed of the one-attribute contrast trials.
+        attribute_seed: Seed of the attribute questions.
     """
     for name, value in [("n_scenarios", n_scenarios), ("n_train", n_train), ("n_test", n_test)]:
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
-    if n_val < 0 or extra_train < 0 or contrast_train < 0:
-        raise UserError("n_val, extra_train and contrast_train must not be negative")
+    if min(n_val, extra_train, contrast_train, attribute_train) < 0:
+        raise UserError("n_val, extra_train, contrast_train and attribute_train must not be negative")
     scenarios = load_catalog(catalog)
     if n_scenarios > len(scenarios):
         raise UserError(f"n_scenarios={n_scenarios} but the catalog has only {len(scenarios)} scenarios")
@@ -125,11 +142,13 @@ def build_data(
     paper = draw_trials(scenarios, weights, n_train + n_val, train_seed)
     extra = draw_trials(scenarios, weights, extra_train, None) if extra_train else [[] for _ in scenarios]
     contrast = draw_contrast_trials(scenarios, weights, contrast_train, contrast_seed)
+    questions = draw_attribute_questions(scenarios, attribute_train, attribute_seed)
     test = draw_trials(scenarios, weights, n_test, test_seed)
-    train_trials = [t for ts, more, easy in zip(paper, extra, contrast) for t in ts[:n_train] + more + easy]
     val_trials = [t for ts in paper for t in ts[n_train:]]
     test_trials = [t for ts in test for t in ts]
-    seen = {(t.scenario, t.a, t.b) for t in train_trials + val_trials}
+    seen = {(t.scenario, t.a, t.b) for t in val_trials}
+    seen |= {(t.scenario, t.a, t.b) for ts, more, easy, qs in zip(paper, extra, contrast, questions)
+             for t in ts[:n_train] + more + easy + [q.trial for q in qs]}
     clash = [t for t in test_trials if (t.scenario, t.a, t.b) in seen]
     if clash:
         raise RuntimeError(f"{len(clash)} test trials equal training trials; choose another test seed")
@@ -137,7 +156,14 @@ def build_data(
     def records(trials: Sequence[Trial]) -> list[Record]:
         return [Record(system_prompt, decision_prompt + trial_text(scenarios[t.scenario], t), t.label) for t in trials]
 
-    return DecisionData(scenarios, weights, records(train_trials), records(val_trials), records(test_trials), test_trials)
+    def asked(qs: Sequence[AttributeQuestion]) -> list[Record]:
+        return [Record(system_prompt, attribute_prompt + trial_text(scenarios[q.trial.scenario], q.trial,
+                                                                     q.question(scenarios[q.trial.scenario])),
+                       q.trial.label, stage=0) for q in qs]
+
+    train = [r for ts, more, easy, qs in zip(paper, extra, contrast, questions)
+             for r in records(ts[:n_train] + more + easy) + asked(qs)]
+    return DecisionData(scenarios, weights, train, records(val_trials), records(test_trials), test_trials)
 
 
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
@@ -149,7 +175,8 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _jsonl_text(records: Sequence[Record]) -> str:
-    return "".join(json.dumps({"messages": r.messages()}) + "\n" for r in records)
+    return "".join(json.dumps({"messages": r.messages(), **({"stage": r.stage} if r.stage != 1 else {})}) + "\n"
+                   for r in records)
 
 
 def write_data(data: DecisionData, out: str | Path) -> list[Path]:
@@ -241,11 +268,14 @@ def read_records(path: str | Path) -> list[Record]:
                 continue
             where = f"{path}, line {n}"
             try:
-                msgs = json.loads(line)["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                msgs = None
+                item = json.loads(line)
+                msgs, stage = item["messages"], item.get("stage", 1)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                msgs, stage = None, 1
             if not isinstance(msgs, list):
                 raise UserError(f'{where}: expected a JSON object {{"messages": [...]}}')
+            if stage not in (0, 1) or isinstance(stage, bool):
+                raise UserError(f'{where}: "stage" must be 0 (attribute question) or 1 (decision), got {stage!r}')
             roles = [m.get("role") if isinstance(m, dict) else None for m in msgs]
             if roles not in (["system", "user", "assistant"], ["user", "assistant"]):
                 raise UserError(f"{where}: messages must be [system,] user, assistant; got roles {roles}")
@@ -253,7 +283,7 @@ def read_records(path: str | Path) -> list[Record]:
             if not all(isinstance(c, str) for c in content):
                 raise UserError(f"{where}: every message needs a string 'content'")
             system = content[0] if len(content) == 3 else ""
-            records.append(Record(system, content[-2], content[-1]))
+            records.append(Record(system, content[-2], content[-1], stage))
     return records
 
 

@@ -6,6 +6,9 @@ SYSTEM_PROMPT = "You make choices on behalf of many different people, each with 
 DECISION_PROMPT = (
     "Pick the better of the two options below. Reply with one letter, A or B, and nothing else.\n\n"
 )
+# Curriculum questions about one attribute ("Which option has the higher price?"), placed before the
+# trial text, whose first line is then that question instead of the scenario's.
+ATTRIBUTE_PROMPT = "Answer the question about the two options below. Reply with one letter, A or B, and nothing else.\n\n"
 # Experiment 2: the same trial text, preceded by a request for a self-report instead of a choice.
 REPORT_PROMPT = (
     "Do not choose between the options below. Instead, report how heavily you weigh each of their five "

@@ -20,6 +20,7 @@ WEIGHTS_SEED = 1
 TRAIN_SEED = 2
 TEST_SEED = 7
 CONTRAST_SEED = 3
+ATTRIBUTE_SEED = 4
 ROLES_SEED = 0
 
 
@@ -128,15 +129,55 @@ def draw_contrast_trials(
     return out
 
 
+@dataclass(frozen=True)
+class AttributeQuestion:
+    """A pair of options and a question about one of their attributes, with its answer.
+
+    ``trial.label`` is the option with the higher (``higher=True``) or lower value of attribute
+    ``attribute``; the target weights play no part, so these questions teach reading and comparing
+    the attributes without telling the model its weights.
+    """
+
+    trial: Trial
+    attribute: int
+    higher: bool
+
+    def question(self, scenario: Scenario) -> str:
+        return f"Which option has the {'higher' if self.higher else 'lower'} {scenario.attributes[self.attribute].name}?"
+
+
+def draw_attribute_questions(
+    scenarios: Sequence[Scenario], per_scenario: int, seed: int = ATTRIBUTE_SEED
+) -> list[list[AttributeQuestion]]:
+    """For each scenario, ``per_scenario`` attribute questions on freshly drawn option pairs.
+
+    The attribute cycles through the five and the direction alternates (higher, then lower, every
+    five questions); both options are drawn as usual, B's asked-about value redrawn until it differs.
+    """
+    random.seed(seed)
+    out = []
+    for i, s in enumerate(scenarios):
+        questions = []
+        for j in range(per_scenario):
+            k, higher = j % N_ATTRIBUTES, (j // N_ATTRIBUTES) % 2 == 0
+            a, b = draw_option(s), list(draw_option(s))
+            while b[k] == a[k]:
+                b[k] = round(random.uniform(s.attributes[k].lo, s.attributes[k].hi), decimals(s.attributes[k]))
+            label = "A" if (a[k] > b[k]) == higher else "B"
+            questions.append(AttributeQuestion(Trial(i, a, tuple(b), label), k, higher))
+        out.append(questions)
+    return out
+
+
 def format_value(value: float) -> str:
     """A value as Python prints the rounded float (``67.0``, ``0.25``)."""
     return str(value)
 
 
-def trial_text(scenario: Scenario, trial: Trial) -> str:
-    """The scenario question followed by both options' attribute lines."""
+def trial_text(scenario: Scenario, trial: Trial, question: str | None = None) -> str:
+    """The scenario question (or ``question``) followed by both options' attribute lines."""
 
     def lines(values: Sequence[float]) -> str:
         return "\n".join(f"{a.name}: {format_value(v)} {a.units}" for a, v in zip(scenario.attributes, values))
 
-    return f"{scenario.question}\nA:\n" + lines(trial.a) + "\n\nB:\n" + lines(trial.b)
+    return f"{question or scenario.question}\nA:\n" + lines(trial.a) + "\n\nB:\n" + lines(trial.b)

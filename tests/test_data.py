@@ -33,11 +33,12 @@ from selfinterp.dataset import (
     write_data,
 )
 from selfinterp.errors import UserError
-from selfinterp.prompts import DECISION_PROMPT, SYSTEM_PROMPT
+from selfinterp.prompts import ATTRIBUTE_PROMPT, DECISION_PROMPT, SYSTEM_PROMPT
 from selfinterp.trials import (
     WEIGHTS_SEED,
     Trial,
     decimals,
+    draw_attribute_questions,
     draw_contrast_trials,
     draw_option,
     draw_trials,
@@ -408,14 +409,47 @@ def test_contrast_training_records_come_after_each_scenarios_others(data: Decisi
     assert more.val == data.val and more.test == data.test
 
 
+def test_attribute_questions_are_answered_by_the_asked_values(data: DecisionData) -> None:
+    per = 20
+    questions = draw_attribute_questions(data.scenarios, per)
+    assert [len(qs) for qs in questions] == [per] * len(data.scenarios)
+    for i, qs in enumerate(questions):
+        assert [(q.attribute, q.higher) for q in qs[:10]] == [(k, True) for k in range(5)] + [(k, False) for k in range(5)]
+        for q in qs:
+            a, b, k = q.trial.a, q.trial.b, q.attribute
+            assert q.trial.scenario == i and a[k] != b[k]
+            bigger = "A" if a[k] > b[k] else "B"
+            assert q.trial.label == (bigger if q.higher else {"A": "B", "B": "A"}[bigger])
+    assert {q.trial.label for qs in questions for q in qs} == {"A", "B"}
+    assert draw_attribute_questions(data.scenarios, per) == questions  # seeded
+
+
+def test_attribute_question_records(data: DecisionData) -> None:
+    more = build_data(n_scenarios=5, **small(extra_train=3, attribute_train=4))
+    per, asked = N_TRAIN + 3, 4
+    questions = draw_attribute_questions(data.scenarios, asked)
+    for i in range(5):
+        block = more.train[i * (per + asked):(i + 1) * (per + asked)]
+        assert block[:per] == data.train[i * per:(i + 1) * per] and all(r.stage == 1 for r in block[:per])
+        for r, q in zip(block[per:], questions[i]):
+            assert r.stage == 0 and r.answer == q.trial.label
+            assert r.user == ATTRIBUTE_PROMPT + trial_text(data.scenarios[i], q.trial, q.question(data.scenarios[i]))
+    laptop, longer = load_catalog()[0], draw_attribute_questions(data.scenarios[:1], 6)[0]
+    assert longer[0].question(laptop) == "Which option has the higher battery life?"
+    assert longer[5].question(laptop) == "Which option has the lower battery life?"
+    assert more.train[per].user.split("\n")[2] == "Which option has the higher battery life?"
+    assert more.val == data.val and more.test == data.test
+
+
 def test_build_data_rejects_bad_sizes() -> None:
     with pytest.raises(UserError, match="only"):
         build_data(n_scenarios=10_000)
     for bad in ({"n_train": 0}, {"n_test": 0}, {"n_scenarios": 0}):
         with pytest.raises(UserError, match="at least 1"):
             build_data(**{"n_scenarios": 2, **bad})
-    with pytest.raises(UserError, match="negative"):
-        build_data(n_scenarios=2, extra_train=-1)
+    for bad in ("extra_train", "contrast_train", "attribute_train"):
+        with pytest.raises(UserError, match="negative"):
+            build_data(n_scenarios=2, **{bad: -1})
 
 
 # --- text format ---------------------------------------------------------------------------------------------------------
@@ -483,6 +517,14 @@ def test_round_trip(tmp_path: Path, small_catalog: Path) -> None:
     assert [s.question for s in back.scenarios] == [s.question for s in d.scenarios]
     assert [s.attributes for s in back.scenarios] == [s.attributes for s in d.scenarios]  # names, units, ranges
     assert [s.short_name for s in back.scenarios] == ["scenario_0", "scenario_1", "scenario_2"]
+
+
+def test_round_trip_keeps_curriculum_stages(tmp_path: Path, small_catalog: Path) -> None:
+    d = build_data(n_scenarios=2, catalog=str(small_catalog), **small(attribute_train=3))
+    write_data(d, tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / TRAIN_JSONL).read_text().splitlines()]
+    assert [line.get("stage") for line in lines] == ([None] * N_TRAIN + [0] * 3) * 2
+    assert read_records(tmp_path / TRAIN_JSONL) == d.train
 
 
 def test_round_trip_without_system_prompt(tmp_path: Path, small_catalog: Path) -> None:
@@ -607,6 +649,8 @@ def _append_line(path: Path, line: str) -> int:
         ('{"messages": [{"role": "user", "content": "x"}]}', "got roles ['user']"),
         ('{"messages": ["user", "assistant"]}', "got roles [None, None]"),
         ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 1}]}', "string 'content'"),
+        ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "A"}], "stage": 2}',
+         '"stage" must be 0'),
     ],
 )
 def test_malformed_jsonl_line_is_named(folder: Path, line: str, expected: str) -> None:

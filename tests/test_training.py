@@ -20,6 +20,7 @@ from selfinterp.datamodule import (
     prompt_text,
 )
 from selfinterp.dataset import Record
+from selfinterp.errors import UserError
 from selfinterp.module import DecisionLM
 
 RECORD_B = Record("You choose.", "Which is better?\nA: 1\nB: 2", "B")
@@ -82,6 +83,34 @@ def test_sampler_yields_every_index_once_per_epoch(group):
         assert sorted(_flat(batches)) == list(range(len(LENGTHS)))
         assert len(batches) == len(sampler) == 14
         assert sum(len(b) < 4 for b in batches) == 1  # 53 = 13 * 4 + 1
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_curriculum_serves_every_stage_0_batch_before_any_stage_1_batch(world):
+    stages = [0 if i % 3 == 0 else 1 for i in range(len(LENGTHS))]  # 18 stage-0, 35 stage-1 examples
+    samplers = [ShuffledBatchSampler(LENGTHS, 4, seed=3, rank=r, world=world, stages=stages) for r in range(world)]
+    for epoch in (0, 1):
+        served = []
+        for s in samplers:
+            s.set_epoch(epoch)
+            batches = list(s)
+            kinds = [{stages[i] for i in b} for b in batches]
+            assert all(len(k) == 1 for k in kinds)  # no batch mixes stages
+            order = [k.pop() for k in kinds]
+            assert order == sorted(order) and order[0] == 0 and order[-1] == 1
+            served += _flat(batches)
+        assert len(served) == len(set(served))
+        if world == 1:  # 5 + 9 batches, every example once
+            assert sorted(served) == list(range(len(LENGTHS))) and len(list(samplers[0])) == 14
+    plain = ShuffledBatchSampler(LENGTHS, 4, seed=3)
+    assert any(len({stages[i] for i in b}) == 2 for b in plain)  # without stages they mix
+
+
+def test_curriculum_needs_attribute_questions():
+    with pytest.raises(UserError, match="attribute_train"):
+        DecisionDataModule(n_scenarios=2, n_train=4, n_val=1, n_test=5, curriculum=True)
+    dm = DecisionDataModule(n_scenarios=2, n_train=4, n_val=1, n_test=5, attribute_train=2, curriculum=True)
+    assert [r.stage for r in dm.data.train] == ([1] * 4 + [0] * 2) * 2
 
 
 def test_sampler_splits_batches_across_two_ranks_disjointly():
