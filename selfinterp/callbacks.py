@@ -194,7 +194,9 @@ class VerificationCallback(Callback):
             "regression": self.regression,
             "setup": {
                 "n_scenarios": len(data.scenarios),
-                "train_trials_per_scenario": len(data.train) / max(1, len(data.scenarios)),
+                "train_trials_per_scenario": sum(r.stage == 1 for r in data.train) / max(1, len(data.scenarios)),
+                "attribute_questions_per_scenario": sum(r.stage == 0 for r in data.train) / max(1, len(data.scenarios)),
+                "curriculum": bool(trainer.datamodule.hparams.get("curriculum")),
                 "max_epochs": trainer.max_epochs,
                 "lr": groups[0].get("initial_lr", groups[0].get("lr")) if groups else None,
                 "full_finetune": bool(hp.get("full_finetune")),

@@ -56,9 +56,13 @@ def report_command(results: str = "results") -> str:
         size = f"{summary.get('n_params', 0) / 1e6:.0f}M"
         rank = "full" if setup.get("full_finetune") else str(summary.get("lora_r", "-"))
         seconds = last.get("train_seconds")
+        trials = fmt(setup.get("train_trials_per_scenario"), ".0f", "-")
+        questions = setup.get("attribute_questions_per_scenario")
+        if questions:
+            trials += f" + {questions:.0f} questions{' first' if setup.get('curriculum') else ''}"
         lines.append(
             f"| {path.parent.relative_to(root)} | {summary.get('model')} | {size} | "
-            f"{fmt(setup.get('train_trials_per_scenario'), '.0f', '-')} | {max(trained) if trained else last['tag']} | "
+            f"{trials} | {max(trained) if trained else last['tag']} | "
             f"{fmt(setup.get('lr'), '.2g', '-')} | {rank} | {fmt(last.get('r'), '.3f', 'n/a')} | "
             f"{fmt(last.get('p_value'), '.2g', 'n/a')} | {fmt(last.get('agreement'), '.1%', 'n/a')} | "
             f"{fmt(last.get('auc'), '.3f', 'n/a')} | {fmt(last.get('parse_failure'), '.1%', 'n/a')} | {fmt(last.get('frac_A'), '.1%', 'n/a')} | "

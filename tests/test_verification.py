@@ -221,6 +221,7 @@ def test_fit_writes_every_result_file_and_tensorboard_scalars(tmp_path, monkeypa
                                   "batch_size", "devices", "precision")} == {
         "n_scenarios": 2, "train_trials_per_scenario": 6, "max_epochs": 1, "lr": 1e-3, "full_finetune": False,
         "batch_size": 4, "devices": 1, "precision": "32-true"}
+    assert setup["attribute_questions_per_scenario"] == 0 and setup["curriculum"] is False
     assert setup["machine"].startswith("CPU")
     base, trained = summary["epochs"]
     assert base["train_seconds"] == 0 and trained["train_seconds"] > 0
