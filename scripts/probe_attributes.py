@@ -18,12 +18,21 @@ A cross-validated R^2 near 0 means a linear read-out of that layer cannot see th
 rule then cannot be learned by adjusting the last layers alone. The table averages over scenarios; the
 last line names the best layer.
 
+4. With ``--adam_steps``, a second table asks whether gradient descent finds the read-out that ridge
+   finds: on the final-norm state (what the output head sees), logistic read-outs of the choice are
+   trained the way fine-tuning trains (AdamW at ``--adam_lr``, mini-batches of ``--adam_batch``,
+   sampled with replacement) on the same cross-validation folds: a full-rank read-out on the raw state,
+   the same on standardised features, and a rank-16 LoRA-style one (A random, B zero, scale 2) on the
+   raw state. It reports held-out choice accuracy and the held-out logit's spread.
+
     python scripts/probe_attributes.py                                   # embedded model; on 2 CPU cores ~5 min
     python scripts/probe_attributes.py --n_scenarios 4 --n_trials 400 --device cuda
+    python scripts/probe_attributes.py --adam_steps 100 1000 --adam_lr 1e-3 1e-2
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import bench_common as bc
@@ -78,6 +87,57 @@ def r2(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return 1.0 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
 
 
+def adam_readout(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, steps: int, lr: float, batch: int,
+                 rank: int | None = None, standardize: bool = False, seed: int = 0) -> np.ndarray:
+    """Held-out logits of a logistic read-out (bias + linear, or bias + LoRA-style B @ A) trained with AdamW.
+
+    ``rank`` makes it ``2 * B @ A`` with A uniform in +-1/sqrt(d) and B zero, as PEFT initialises a LoRA
+    with alpha = 2 r; ``standardize`` scales features by the training rows' mean and sd first.
+    """
+    if standardize:
+        mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+        x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
+    gen = torch.Generator().manual_seed(seed)
+    xt, xe = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_test, dtype=torch.float32)
+    yt = torch.as_tensor(y_train, dtype=torch.float32)
+    d = xt.shape[1]
+    bias = torch.zeros(1, requires_grad=True)
+    if rank:
+        a = ((torch.rand(rank, d, generator=gen) * 2 - 1) / math.sqrt(d)).requires_grad_()
+        b = torch.zeros(rank, requires_grad=True)
+        params, head = [bias, a, b], lambda x: bias + 2.0 * (x @ a.T) @ b
+    else:
+        w = torch.zeros(d, requires_grad=True)
+        params, head = [bias, w], lambda x: bias + x @ w
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        rows = torch.randint(len(xt), (batch,), generator=gen)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(xt[rows]), yt[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return head(xe).numpy()
+
+
+READOUTS = {"full, raw state": {}, "full, standardised": {"standardize": True}, "LoRA r=16, raw state": {"rank": 16}}
+
+
+def adam_table(x: np.ndarray, choice: np.ndarray, folds: int, steps: list[int], lrs: list[float], batch: int) -> list[list]:
+    """Per read-out, lr and step count: cross-validated choice accuracy and the held-out logits' sd."""
+    order = np.random.default_rng(0).permutation(len(x))
+    rows = []
+    for name, kwargs in READOUTS.items():
+        for lr in lrs:
+            for n in steps:
+                logits = np.zeros(len(x))
+                for held in np.array_split(order, folds):
+                    train = np.setdiff1d(order, held)
+                    logits[held] = adam_readout(x[train], choice[train], x[held], n, lr, batch, **kwargs)
+                rows.append([name, lr, n, float(((logits > 0) == (choice > 0)).mean()), float(logits.std())])
+    return rows
+
+
 @torch.no_grad()
 def answer_states(model, tokenizer, prompts: list[str], batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Every layer's hidden state at each prompt's last token (n x layers+1 x d), and the A-minus-B margin there."""
@@ -104,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per forward pass (default: %(default)s)")
     parser.add_argument("--system_prompt", help="system prompt (default: the project's)")
+    parser.add_argument("--adam_steps", type=int, nargs="*", default=[],
+                        help="also train logistic read-outs of the final-norm state for these step counts (default: none)")
+    parser.add_argument("--adam_lr", type=float, nargs="+", default=[1e-3], help="their AdamW learning rates (default: %(default)s)")
+    parser.add_argument("--adam_batch", type=int, default=8, help="their mini-batch size (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.seed == TEST_SEED:
         raise SystemExit(f"error: seed {TEST_SEED} is the held-out test seed; probe on other trials")
@@ -151,6 +215,16 @@ def main(argv: list[str] | None = None) -> None:
     best = int(util_r2.mean(0).argmax())
     print(f"best layer: {best}, utility-difference R^2 {util_r2[:, best].mean():.3f}, "
           f"attribute-difference R^2 {diff_r2[:, best].mean():.3f}, choice accuracy {sign_acc[:, best].mean():.3f}")
+    if args.adam_steps:
+        per_scenario = []
+        for k in range(args.n_scenarios):
+            rows = [j for j, t in enumerate(data.test_trials) if t.scenario == k]
+            choice = np.array([data.test_trials[j].label == "A" for j in rows], dtype=float)
+            per_scenario.append(adam_table(states[rows, -1], choice, args.folds, args.adam_steps, args.adam_lr, args.adam_batch))
+        mean = [row[:3] + [float(np.mean([t[i][c] for t in per_scenario])) for c in (3, 4)] for i, row in enumerate(per_scenario[0])]
+        print(f"gradient-trained logistic read-outs of the final-norm state (batch {args.adam_batch}; ridge above: "
+              f"choice accuracy {sign_acc[:, -1].mean():.3f}); means over scenarios")
+        bc.print_table(["read-out", "lr", "steps", "choice accuracy", "held-out logit sd"], mean)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,33 @@ def test_answer_states_are_taken_at_each_prompts_last_token(tokenizer, chooser_m
 @pytest.mark.slow
 def test_probe_script_prints_one_row_per_layer_and_the_best_layer(tiny_model_dir, tmp_path):
     lines = run_script("probe_attributes", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "2",
-                       "--n_trials", "12", "--folds", "3", "--batch_size", "5", cwd=tmp_path)
+                       "--n_trials", "12", "--folds", "3", "--batch_size", "5", "--adam_steps", "0", "3", cwd=tmp_path)
     layer_rows = [line for line in lines if line.startswith("| ") and line.split("|")[1].strip()[0].isdigit()]
     assert len(layer_rows) == 3  # embeddings + 2 layers (the tiny model's last layer output is the final norm)
-    assert lines[-1].startswith("best layer: ")
+    assert any(line.startswith("best layer: ") for line in lines)
+    adam_rows = [line.split("|")[1:-1] for line in lines[-6:]]
+    assert [(r[0].strip(), r[2].strip()) for r in adam_rows] == [
+        (name, n) for name in ("full, raw state", "full, standardised", "LoRA r=16, raw state") for n in ("0", "3")]
+    assert all(float(r[4]) == 0 for r in adam_rows[::2])  # untrained read-outs give logit 0 everywhere
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"standardize": True}, {"rank": 16}])
+def test_adam_readouts_learn_a_separable_choice(kwargs):
+    probe = load_script("probe_attributes")
+    x = np.random.default_rng(0).normal(size=(300, 20))
+    y = (x[:, 0] - x[:, 1] > 0).astype(float)
+    logits = probe.adam_readout(x[:200], y[:200], x[200:], steps=300, lr=1e-2, batch=8, **kwargs)
+    assert ((logits > 0) == (y[200:] > 0)).mean() > 0.9
+    assert not probe.adam_readout(x[:200], y[:200], x[200:], steps=0, lr=1e-2, batch=8, **kwargs).any()
+
+
+def test_standardised_adam_readout_ignores_feature_offset_and_scale():
+    probe = load_script("probe_attributes")
+    x = np.random.default_rng(1).normal(size=(100, 6))
+    y = (x[:, 2] > 0).astype(float)
+    plain = probe.adam_readout(x[:80], y[:80], x[80:], steps=50, lr=1e-2, batch=8, standardize=True)
+    shifted = probe.adam_readout(x[:80] * 1000 + 5, y[:80], x[80:] * 1000 + 5, steps=50, lr=1e-2, batch=8, standardize=True)
+    np.testing.assert_allclose(plain, shifted, atol=1e-3)
 
 
 def test_probe_refuses_the_held_out_seed(tiny_model_dir):
