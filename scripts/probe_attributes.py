@@ -222,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
             choice = np.array([data.test_trials[j].label == "A" for j in rows], dtype=float)
             per_scenario.append(adam_table(states[rows, -1], choice, args.folds, args.adam_steps, args.adam_lr, args.adam_batch))
         mean = [row[:3] + [float(np.mean([t[i][c] for t in per_scenario])) for c in (3, 4)] for i, row in enumerate(per_scenario[0])]
+        final = states[:, -1]
+        mu, sd = np.abs(final.mean(0)), final.std(0)
+        print(f"final-norm state, per coordinate over all prompts: |mean| median {np.median(mu):.3g}, max {mu.max():.3g}; "
+              f"sd median {np.median(sd):.3g}, max {sd.max():.3g}; norm of the mean {np.linalg.norm(final.mean(0)):.3g}, "
+              f"mean distance from it {np.linalg.norm(final - final.mean(0), axis=1).mean():.3g}")
         print(f"gradient-trained logistic read-outs of the final-norm state (batch {args.adam_batch}; ridge above: "
               f"choice accuracy {sign_acc[:, -1].mean():.3f}); means over scenarios")
         bc.print_table(["read-out", "lr", "steps", "choice accuracy", "held-out logit sd"], mean)
