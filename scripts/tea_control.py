@@ -2,8 +2,8 @@
 through the project's own data files, datamodule and training loop.
 
 Writes a data folder whose training records are ``--n`` fresh questions "Which tea has more caffeine?"
-over two options with one attribute each (integers 0-70 mg, never equal; seed ``--seed``), with the
-attribute-question instruction; the validation and test records are scenario 0's usual decisions, so
+over two options with one attribute each (integers 0-70 mg, never equal; seed ``--seed``), or with
+caffeine followed by ``--attributes - 1`` distractor lines, with the attribute-question instruction; the validation and test records are scenario 0's usual decisions, so
 verification runs as always. Train on it with ``--data.data_dir``; every question is new when it is
 trained on, so ``train/letter_acc_step`` is a held-out accuracy:
 
@@ -22,13 +22,24 @@ from selfinterp.dataset import Record, build_data, write_data
 from selfinterp.prompts import ATTRIBUTE_PROMPT, SYSTEM_PROMPT
 
 
-def tea_records(n: int, seed: int) -> list[Record]:
-    """``n`` one-attribute caffeine comparisons, half of them (in expectation) answered B."""
-    rng = random.Random(seed)
+# Lines that follow caffeine with ``--attributes`` above 1: (name, units, lo, hi), integers.
+DISTRACTORS = [("price", "dollars", 2, 40), ("steeping time", "minutes", 1, 10),
+               ("leaf grade", "out of 10", 1, 10), ("package weight", "grams", 20, 500)]
+
+
+def tea_records(n: int, seed: int, attributes: int = 1) -> list[Record]:
+    """``n`` caffeine comparisons, about half answered B; each option lists caffeine first, then
+    ``attributes - 1`` distractor lines whose values play no part in the answer. The distractors have a
+    stream of their own, so every ``attributes`` asks the same caffeine questions."""
+    rng, noise = random.Random(seed), random.Random(f"{seed}-distractors")
     records = []
     for _ in range(n):
         a, b = rng.sample(range(71), 2)
-        text = f"Which tea has more caffeine?\nA:\ncaffeine: {a} mg\n\nB:\ncaffeine: {b} mg"
+        lines = {"A": [f"caffeine: {a} mg"], "B": [f"caffeine: {b} mg"]}
+        for name, units, lo, hi in DISTRACTORS[:attributes - 1]:
+            for option in lines.values():
+                option.append(f"{name}: {noise.randint(lo, hi)} {units}")
+        text = "Which tea has more caffeine?\nA:\n" + "\n".join(lines["A"]) + "\n\nB:\n" + "\n".join(lines["B"])
         records.append(Record(SYSTEM_PROMPT, ATTRIBUTE_PROMPT + text, "A" if a > b else "B", stage=0))
     return records
 
@@ -38,11 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="data folder to write")
     parser.add_argument("--n", type=int, default=1920, help="training questions (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=5, help="seed of the questions (default: %(default)s)")
+    parser.add_argument("--attributes", type=int, default=1,
+                        help="lines per option: caffeine plus up to 4 distractors, 1-5 (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.n < 1:
         raise SystemExit("error: --n must be at least 1")
+    if not 1 <= args.attributes <= len(DISTRACTORS) + 1:
+        raise SystemExit(f"error: --attributes must be 1 to {len(DISTRACTORS) + 1}, got {args.attributes}")
     data = build_data(n_scenarios=1, n_train=1, n_val=8, n_test=50)
-    data.train = tea_records(args.n, args.seed)
+    data.train = tea_records(args.n, args.seed, args.attributes)
     for path in write_data(data, args.out):
         print(path)
 
