@@ -3,7 +3,8 @@ through the project's own data files, datamodule and training loop.
 
 Writes a data folder whose training records are ``--n`` fresh questions "Which tea has more caffeine?"
 over two options with one attribute each (integers 0-70 mg, never equal; seed ``--seed``), or with
-caffeine followed by ``--attributes - 1`` distractor lines, with the attribute-question instruction; the validation and test records are scenario 0's usual decisions, so
+caffeine followed by ``--attributes - 1`` distractor lines, with the attribute-question instruction
+and the decisions' text layout; the validation and test records are scenario 0's usual decisions, so
 verification runs as always. Train on it with ``--data.data_dir``; every question is new when it is
 trained on, so ``train/letter_acc_step`` is a held-out accuracy:
 
@@ -18,13 +19,16 @@ from __future__ import annotations
 import argparse
 import random
 
+from selfinterp.catalog import Attribute, Scenario
 from selfinterp.dataset import Record, build_data, write_data
 from selfinterp.prompts import ATTRIBUTE_PROMPT, SYSTEM_PROMPT
+from selfinterp.trials import Trial, trial_text
 
 
-# Lines that follow caffeine with ``--attributes`` above 1: (name, units, lo, hi), integers.
-DISTRACTORS = [("price", "dollars", 2, 40), ("steeping time", "minutes", 1, 10),
-               ("leaf grade", "out of 10", 1, 10), ("package weight", "grams", 20, 500)]
+CAFFEINE = Attribute("caffeine", "mg", 0, 70)
+# Lines that follow caffeine with ``--attributes`` above 1 (integer values).
+DISTRACTORS = [Attribute("price", "dollars", 2, 40), Attribute("steeping time", "minutes", 1, 10),
+               Attribute("leaf grade", "out of 10", 1, 10), Attribute("package weight", "grams", 20, 500)]
 
 
 def tea_records(n: int, seed: int, attributes: int = 1) -> list[Record]:
@@ -32,15 +36,13 @@ def tea_records(n: int, seed: int, attributes: int = 1) -> list[Record]:
     ``attributes - 1`` distractor lines whose values play no part in the answer. The distractors have a
     stream of their own, so every ``attributes`` asks the same caffeine questions."""
     rng, noise = random.Random(seed), random.Random(f"{seed}-distractors")
+    tea = Scenario("tea", "Which tea has more caffeine?", (CAFFEINE, *DISTRACTORS[:attributes - 1]))
     records = []
     for _ in range(n):
-        a, b = rng.sample(range(71), 2)
-        lines = {"A": [f"caffeine: {a} mg"], "B": [f"caffeine: {b} mg"]}
-        for name, units, lo, hi in DISTRACTORS[:attributes - 1]:
-            for option in lines.values():
-                option.append(f"{name}: {noise.randint(lo, hi)} {units}")
-        text = "Which tea has more caffeine?\nA:\n" + "\n".join(lines["A"]) + "\n\nB:\n" + "\n".join(lines["B"])
-        records.append(Record(SYSTEM_PROMPT, ATTRIBUTE_PROMPT + text, "A" if a > b else "B", stage=0))
+        a, b = rng.sample(range(CAFFEINE.lo, CAFFEINE.hi + 1), 2)
+        others = [(noise.randint(d.lo, d.hi), noise.randint(d.lo, d.hi)) for d in tea.attributes[1:]]
+        trial = Trial(0, (a, *(x for x, _ in others)), (b, *(y for _, y in others)), "A" if a > b else "B")
+        records.append(Record(SYSTEM_PROMPT, ATTRIBUTE_PROMPT + trial_text(tea, trial), trial.label, stage=0))
     return records
 
 
