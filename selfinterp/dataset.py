@@ -144,11 +144,11 @@ def build_data(
     contrast = draw_contrast_trials(scenarios, weights, contrast_train, contrast_seed)
     questions = draw_attribute_questions(scenarios, attribute_train, attribute_seed)
     test = draw_trials(scenarios, weights, n_test, test_seed)
+    decided = [ts[:n_train] + more + easy for ts, more, easy in zip(paper, extra, contrast)]  # per scenario
     val_trials = [t for ts in paper for t in ts[n_train:]]
     test_trials = [t for ts in test for t in ts]
     seen = {(t.scenario, t.a, t.b) for t in val_trials}
-    seen |= {(t.scenario, t.a, t.b) for ts, more, easy, qs in zip(paper, extra, contrast, questions)
-             for t in ts[:n_train] + more + easy + [q.trial for q in qs]}
+    seen |= {(t.scenario, t.a, t.b) for ts, qs in zip(decided, questions) for t in ts + [q.trial for q in qs]}
     clash = [t for t in test_trials if (t.scenario, t.a, t.b) in seen]
     if clash:
         raise RuntimeError(f"{len(clash)} test trials equal training trials; choose another test seed")
@@ -156,13 +156,11 @@ def build_data(
     def records(trials: Sequence[Trial]) -> list[Record]:
         return [Record(system_prompt, decision_prompt + trial_text(scenarios[t.scenario], t), t.label) for t in trials]
 
-    def asked(qs: Sequence[AttributeQuestion]) -> list[Record]:
-        return [Record(system_prompt, attribute_prompt + trial_text(scenarios[q.trial.scenario], q.trial,
-                                                                     q.question(scenarios[q.trial.scenario])),
+    def asked(scenario: Scenario, qs: Sequence[AttributeQuestion]) -> list[Record]:
+        return [Record(system_prompt, attribute_prompt + trial_text(scenario, q.trial, q.question(scenario)),
                        q.trial.label, stage=0) for q in qs]
 
-    train = [r for ts, more, easy, qs in zip(paper, extra, contrast, questions)
-             for r in records(ts[:n_train] + more + easy) + asked(qs)]
+    train = [r for s, ts, qs in zip(scenarios, decided, questions) for r in records(ts) + asked(s, qs)]
     return DecisionData(scenarios, weights, train, records(val_trials), records(test_trials), test_trials)
 
 

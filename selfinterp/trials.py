@@ -105,6 +105,14 @@ def draw_trials(
     return out
 
 
+def differing_in(scenario: Scenario, k: int, a: Sequence[float], b: Sequence[float]) -> tuple[float, ...]:
+    """``b`` with its attribute ``k`` redrawn (uniform, rounded) until it differs from ``a``'s."""
+    b, attr = list(b), scenario.attributes[k]
+    while b[k] == a[k]:
+        b[k] = round(random.uniform(attr.lo, attr.hi), decimals(attr))
+    return tuple(b)
+
+
 def draw_contrast_trials(
     scenarios: Sequence[Scenario], weights: Sequence[Sequence[int]], per_scenario: int, seed: int = CONTRAST_SEED
 ) -> list[list[Trial]]:
@@ -119,12 +127,10 @@ def draw_contrast_trials(
     for i, (s, w) in enumerate(zip(scenarios, weights)):
         trials = []
         for j in range(per_scenario):
-            k, attr = j % N_ATTRIBUTES, s.attributes[j % N_ATTRIBUTES]
+            k = j % N_ATTRIBUTES
             a = draw_option(s)
-            b = list(a)
-            while b[k] == a[k]:
-                b[k] = round(random.uniform(attr.lo, attr.hi), decimals(attr))
-            trials.append(Trial(i, a, tuple(b), target_choice(s, w, a, b)))
+            b = differing_in(s, k, a, a)
+            trials.append(Trial(i, a, b, target_choice(s, w, a, b)))
         out.append(trials)
     return out
 
@@ -160,11 +166,10 @@ def draw_attribute_questions(
         questions = []
         for j in range(per_scenario):
             k, higher = j % N_ATTRIBUTES, (j // N_ATTRIBUTES) % 2 == 0
-            a, b = draw_option(s), list(draw_option(s))
-            while b[k] == a[k]:
-                b[k] = round(random.uniform(s.attributes[k].lo, s.attributes[k].hi), decimals(s.attributes[k]))
+            a = draw_option(s)
+            b = differing_in(s, k, a, draw_option(s))
             label = "A" if (a[k] > b[k]) == higher else "B"
-            questions.append(AttributeQuestion(Trial(i, a, tuple(b), label), k, higher))
+            questions.append(AttributeQuestion(Trial(i, a, b, label), k, higher))
         out.append(questions)
     return out
 
