@@ -186,6 +186,7 @@ class VerificationCallback(Callback):
         hp = dict(pl_module.hparams)
         data: DecisionData = trainer.datamodule.load_data()
         groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        n_scenarios = max(1, len(data.scenarios))
         summary = {
             "model": hp.get("model"),
             "n_params": sum(p.numel() for p in pl_module.parameters()),
@@ -194,8 +195,8 @@ class VerificationCallback(Callback):
             "regression": self.regression,
             "setup": {
                 "n_scenarios": len(data.scenarios),
-                "train_trials_per_scenario": sum(r.stage == 1 for r in data.train) / max(1, len(data.scenarios)),
-                "attribute_questions_per_scenario": sum(r.stage == 0 for r in data.train) / max(1, len(data.scenarios)),
+                "train_trials_per_scenario": sum(r.stage == 1 for r in data.train) / n_scenarios,
+                "attribute_questions_per_scenario": sum(r.stage == 0 for r in data.train) / n_scenarios,
                 "curriculum": bool(trainer.datamodule.hparams.get("curriculum")),
                 "max_epochs": trainer.max_epochs,
                 "lr": groups[0].get("initial_lr", groups[0].get("lr")) if groups else None,
