@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     diff_r2 = np.zeros((args.n_scenarios, n_layers))
     util_r2 = np.zeros((args.n_scenarios, n_layers))
     sign_acc = np.zeros((args.n_scenarios, n_layers))
-    margin_r = []
+    margin_r, adam = [], []
     for k, scenario in enumerate(data.scenarios):
         rows = [j for j, t in enumerate(data.test_trials) if t.scenario == k]
         trials = [data.test_trials[j] for j in rows]
@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
             diff_r2[k, layer] = scores[:-1].mean()
             util_r2[k, layer] = scores[-1]
             sign_acc[k, layer] = float(((pred[:, -1] > 0) == (util > 0)).mean())
+        if args.adam_steps:  # the rule's choice is A exactly when the utility difference is positive
+            adam.append(adam_table(states[rows, -1], (util > 0).astype(float), args.folds, args.adam_steps,
+                                   args.adam_lr, args.adam_batch))
 
     print(f"model {args.model} on {bc.describe(device)}; {args.n_scenarios} scenarios x {args.n_trials} trials (seed {args.seed}); "
           f"forward passes {seconds:.1f} s")
@@ -216,12 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"best layer: {best}, utility-difference R^2 {util_r2[:, best].mean():.3f}, "
           f"attribute-difference R^2 {diff_r2[:, best].mean():.3f}, choice accuracy {sign_acc[:, best].mean():.3f}")
     if args.adam_steps:
-        per_scenario = []
-        for k in range(args.n_scenarios):
-            rows = [j for j, t in enumerate(data.test_trials) if t.scenario == k]
-            choice = np.array([data.test_trials[j].label == "A" for j in rows], dtype=float)
-            per_scenario.append(adam_table(states[rows, -1], choice, args.folds, args.adam_steps, args.adam_lr, args.adam_batch))
-        mean = [row[:3] + [float(np.mean([t[i][c] for t in per_scenario])) for c in (3, 4)] for i, row in enumerate(per_scenario[0])]
+        scores = np.array([[row[3:] for row in table] for table in adam]).mean(0)  # scenarios averaged
+        mean = [row[:3] + [float(v) for v in avg] for row, avg in zip(adam[0], scores)]
         final = states[:, -1]
         mu, sd = np.abs(final.mean(0)), final.std(0)
         print(f"final-norm state, per coordinate over all prompts: |mean| median {np.median(mu):.3g}, max {mu.max():.3g}; "
