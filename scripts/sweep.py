@@ -14,14 +14,22 @@ Each run is ``python -m selfinterp fit --config <base> <common options> <its opt
 checkpoint in ``lightning_logs/<name>/<run>/checkpoints/``. A failed run is reported and the others
 still run. The table at the end is ``python -m selfinterp report results/<name>``.
 
+A small model leaves most of a GPU idle (the step is bound by kernel launches), so ``--parallel N``
+trains N runs at once on the same devices; each run's output then goes to ``<results>/<name>/<run>.log``
+instead of the terminal. ``--timeout S`` stops a run (its process group, SIGTERM then SIGKILL) after S
+seconds; its results keep the epochs verified before, and it counts as failed.
+
     python scripts/sweep.py configs/sweeps/instill-135m.yaml
     python scripts/sweep.py configs/sweeps/instill-135m.yaml --only faithful lr-5e-5 --dry_run
+    python scripts/sweep.py configs/sweeps/instill-135m.yaml --parallel 4 --timeout 600
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -81,39 +89,96 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default="", help="options added to every run; write it with = as in --extra=\"--config configs/trainer/cpu.yaml\"")
     parser.add_argument("--results", default="results", help="results folder of the runs (default: %(default)s)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once; above 1, each run logs to <results>/<name>/<run>.log (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, help="seconds after which a run is stopped (default: none)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_commands stops the runs it started
     try:
-        return run_sweep(args.sweep, args.only, shlex.split(args.extra), args.results, args.dry_run)
+        if args.parallel < 1:
+            raise UserError(f"--parallel must be at least 1, got {args.parallel}")
+        if args.timeout is not None and args.timeout <= 0:
+            raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+        return run_sweep(args.sweep, args.only, shlex.split(args.extra), args.results, args.dry_run, args.parallel, args.timeout)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def run_sweep(sweep: str, only: list[str] | None, extra: list[str], results: str, dry_run: bool) -> int:
-    """Run the selected runs of a sweep file in turn, print the table; 1 if any run failed."""
+def run_sweep(sweep: str, only: list[str] | None, extra: list[str], results: str, dry_run: bool,
+              parallel: int = 1, timeout: float | None = None) -> int:
+    """Run the selected runs of a sweep file, ``parallel`` at a time, print the table; 1 if any run failed."""
     base, name, runs = load_sweep(sweep)
     unknown = sorted(set(only or []) - set(runs))
     if unknown:
         raise UserError(f"no run named {', '.join(unknown)} in {sweep}; it has {', '.join(runs)}")
     selected = [r for r in runs if not only or r in only]
-    failed = []
-    for k, run in enumerate(selected, 1):
-        command = fit_command(sys.executable, base, name, run, runs[run], extra)
+    commands = {run: fit_command(sys.executable, base, name, run, runs[run], extra) for run in selected}
+    for k, (run, command) in enumerate(commands.items(), 1):
         print(f"=== [{k}/{len(selected)}] {run}: {shlex.join(command[1:])}", flush=True)
-        if dry_run:
-            continue
-        start = time.perf_counter()
-        code = subprocess.call(command)
-        print(f"=== {run}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
-        if code:
-            failed.append(run)
     if dry_run:
         return 0
-    report_command(str(Path(results) / name))
+    log_dir = Path(results) / name if parallel > 1 else None
+    failed = run_commands(commands, parallel, timeout, log_dir)
+    try:
+        report_command(str(Path(results) / name))
+    except UserError as e:  # every run failed before its first verification
+        print(f"error: {e}", file=sys.stderr)
     if failed:
         print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_commands(commands: dict[str, list[str]], parallel: int, timeout: float | None, log_dir: Path | None) -> list[str]:
+    """Run the commands, at most ``parallel`` at a time, each in its own process group (so that a stop
+    reaches its data workers too) and, with ``log_dir``, with its output in ``<log_dir>/<run>.log``;
+    the runs that failed or were stopped after ``timeout`` seconds, in the commands' order."""
+    waiting, running, failed = list(commands), {}, set()
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        while waiting or running:
+            while waiting and len(running) < parallel:
+                run = waiting.pop(0)
+                log = open(log_dir / f"{run}.log", "w") if log_dir is not None else None
+                if log is not None:
+                    print(f"=== {run}: started, output in {log.name}", flush=True)
+                process = subprocess.Popen(commands[run], stdout=log, stderr=subprocess.STDOUT if log else None,
+                                           start_new_session=True)
+                running[run] = (process, time.perf_counter(), log)
+            time.sleep(0.2)
+            for run, (process, start, log) in list(running.items()):
+                seconds = time.perf_counter() - start
+                stopped = process.poll() is None and timeout is not None and seconds > timeout
+                if stopped:
+                    _stop(process)
+                if process.poll() is None:
+                    continue
+                del running[run]
+                if log is not None:
+                    log.close()
+                outcome = f"stopped after {seconds:.0f} s (--timeout)" if stopped else f"exit {process.returncode} after {seconds:.0f} s"
+                print(f"=== {run}: {outcome}", flush=True)
+                if stopped or process.returncode:
+                    failed.add(run)
+    finally:  # an interrupted sweep (Ctrl-C, SIGTERM) takes its runs down with it
+        for process, _, log in running.values():
+            if process.poll() is None:
+                _stop(process, grace=10.0)
+            if log is not None:
+                log.close()
+    return [run for run in commands if run in failed]
+
+
+def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM to the run's process group, SIGKILL if it is still there after ``grace`` seconds."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, Sequence
 
@@ -47,6 +48,16 @@ def _commands() -> dict[str, Callable[[Sequence[str]], object]]:
             "export": export_main, "report-weights": report_weights_main, "analyze-reports": wrap(analyze_reports_command)}
 
 
+def show_info_messages() -> None:
+    """Print the project's INFO messages (each verification's r and agreement) as Lightning prints its own."""
+    logger = logging.getLogger("selfinterp")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch a command; user errors end with one line on stderr and exit status 2."""
     from_shell = argv is None
@@ -59,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command in LIGHTNING:
             from selfinterp.cli import lightning_cli
 
+            show_info_messages()
             argv[0] = "test" if command == "verify" else command
             if from_shell:
                 sys.argv[1] = argv[0]  # DDP re-launches the other ranks from sys.argv

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from selfinterp.analysis import analyze, write_analysis
+from selfinterp.analysis import analyze, fmt, write_analysis
 from selfinterp.atomic import write_json
 from selfinterp.datamodule import prompt_text
 from selfinterp.dataset import A_COLS, B_COLS, DecisionData
@@ -178,8 +178,8 @@ class VerificationCallback(Callback):
                              "train_seconds": self.train_seconds})
         self.write_summary(trainer, pl_module, run)
         self.log_metrics(trainer, result, step)
-        log.info("%s: r=%s agreement=%s parse_failure=%s", tag, metrics.get("r"), metrics.get("agreement"),
-                 metrics.get("parse_failure"))
+        log.info("verified %s: r=%s, agreement %s, parse failures %s -> %s", tag, fmt(metrics.get("r"), ".3f"),
+                 fmt(metrics.get("agreement"), ".1%"), fmt(metrics.get("parse_failure"), ".1%"), run / tag)
         return metrics
 
     def write_summary(self, trainer: L.Trainer, pl_module: L.LightningModule, run: Path) -> None:

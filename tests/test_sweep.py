@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import TINY_CONFIG
@@ -45,11 +47,27 @@ def test_unknown_run_names_are_refused_and_dry_run_prints_the_commands(tmp_path,
 
 @pytest.mark.slow
 def test_sweep_trains_each_run_under_its_name_and_prints_the_table(tmp_path, tiny_model_dir):
+    """Two runs at once (--parallel 2): each trains under its own name and writes its own log."""
     path = _sweep_file(tmp_path, f"base: {TINY_CONFIG}\nname: s\nruns:\n  lr-a: []\n  lr-b: ['--model.optimizer.init_args.lr=0.01']\n")
-    lines = run_script("sweep", str(path), f"--extra=--model.model={tiny_model_dir} --data.n_train=4", cwd=tmp_path)
+    lines = run_script("sweep", str(path), f"--extra=--model.model={tiny_model_dir} --data.n_train=4", "--parallel", "2", cwd=tmp_path)
+    assert sorted(line.split(":")[0] for line in lines if re.fullmatch(r"=== lr-[ab]: exit 0 after \d+ s", line)) == ["=== lr-a", "=== lr-b"]
     rows = [line for line in lines if line.startswith("| lr-")]
     assert [row.split(" | ")[0] for row in rows] == ["| lr-a/version_0", "| lr-b/version_0"]
     assert [row.split(" | ")[5] for row in rows] == ["0.001", "0.01"]  # each run's own learning rate
     assert [row.split(" | ")[3] for row in rows] == ["4", "4"]  # the extra options reach every run
     for run in ("lr-a", "lr-b"):
         assert (tmp_path / "lightning_logs" / "s" / run / "checkpoints" / "last.ckpt").is_file()
+        assert re.search(rf"verified epoch_1: r=.*-> results/s/{run}/version_0/epoch_1\n", (tmp_path / "results" / "s" / f"{run}.log").read_text())
+
+
+def test_a_run_past_the_timeout_is_stopped_and_counts_as_failed(tmp_path, capsys, monkeypatch):
+    """--timeout stops the run (here while it still imports), the sweep says so and exits 1."""
+    sweep = load_script("sweep")
+    monkeypatch.chdir(tmp_path)
+    path = _sweep_file(tmp_path, f"base: {TINY_CONFIG}\nname: s\nruns:\n  slow: []\n")
+    assert sweep.main([str(path), "--timeout", "0.5"]) == 1
+    out, err = capsys.readouterr()
+    assert "=== slow: stopped after" in out and "(--timeout)" in out
+    assert "failed runs: slow" in err and "no summary.json under results/s" in err
+    assert sweep.main([str(path), "--parallel", "0"]) == 2
+    assert "--parallel must be at least 1" in capsys.readouterr().err
