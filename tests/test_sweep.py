@@ -71,3 +71,22 @@ def test_a_run_past_the_timeout_is_stopped_and_counts_as_failed(tmp_path, capsys
     assert "failed runs: slow" in err and "no summary.json under results/s" in err
     assert sweep.main([str(path), "--parallel", "0"]) == 2
     assert "--parallel must be at least 1" in capsys.readouterr().err
+
+
+def test_run_commands_keeps_at_most_parallel_runs_alive_and_reports_failures(tmp_path):
+    """Four runs, two at a time: never more than two between their start and end marks, and the one
+    that exits non-zero is the one reported failed; each run's output goes to its own log."""
+    import sys
+
+    sweep = load_script("sweep")
+    marks = tmp_path / "marks"
+    code = ("import sys, time; f = open(sys.argv[1], 'a'); f.write('start\\n'); f.flush(); time.sleep(1.0); "
+            "f.write('end\\n'); f.close(); print('ran', sys.argv[2]); sys.exit(int(sys.argv[2]))")
+    commands = {f"r{k}": [sys.executable, "-c", code, str(marks), str(3 if k == 2 else 0)] for k in range(4)}
+    assert sweep.run_commands(commands, parallel=2, timeout=None, log_dir=tmp_path / "logs") == ["r2"]
+    alive, most = 0, 0
+    for mark in marks.read_text().split():
+        alive += 1 if mark == "start" else -1
+        most = max(most, alive)
+    assert most == 2 and marks.read_text().count("start") == 4
+    assert [(tmp_path / "logs" / f"r{k}.log").read_text() for k in range(4)] == ["ran 0\n", "ran 0\n", "ran 3\n", "ran 0\n"]
