@@ -247,11 +247,34 @@ def test_resume_from_last_checkpoint_continues_the_run(tmp_path, monkeypatch, ti
     assert checkpoint_run_dir(ckpt) == Path("results") / "tiny" / "version_1"
 
 
+def test_every_epoch_leaves_a_checkpoint_so_a_cut_off_run_can_resume(tmp_path, monkeypatch, tiny_model_dir):
+    """A run stopped between epochs (a GPU lease ending, a sweep's --timeout) must find its last finished
+    epoch on disk: last.ckpt (a link to the latest epoch's file) exists before training ends."""
+    from selfinterp.callbacks import VerificationCallback
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "lightning_logs" / "tiny" / "checkpoints"
+    seen = []
+    original = VerificationCallback.on_train_epoch_start
+
+    def record(self, trainer, pl_module):
+        last = folder / "last.ckpt"
+        seen.append((trainer.current_epoch, sorted(p.name for p in folder.glob("*.ckpt")),
+                     torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None))
+        original(self, trainer, pl_module)
+
+    monkeypatch.setattr(VerificationCallback, "on_train_epoch_start", record)
+    assert main(_fit(tiny_model_dir, "--trainer.max_epochs=3")) == 0
+    assert seen == [(0, [], None), (1, ["epoch=0-step=3.ckpt", "last.ckpt"], 3), (2, ["epoch=1-step=6.ckpt", "last.ckpt"], 6)]
+    assert (folder / "last.ckpt").resolve() == folder / "epoch=2-step=9.ckpt"
+
+
 def test_a_renamed_run_keeps_its_own_checkpoint_folder(tmp_path, monkeypatch, tiny_model_dir):
     """Sweeps rename runs with the logger name; each run's last.ckpt then lives under that name."""
     monkeypatch.chdir(tmp_path)
     assert main(_fit(tiny_model_dir, "--trainer.logger.init_args.name=lr-sweep")) == 0
-    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt")] == ["lightning_logs/lr-sweep/checkpoints/last.ckpt"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt")) == [
+        "lightning_logs/lr-sweep/checkpoints/epoch=0-step=3.ckpt", "lightning_logs/lr-sweep/checkpoints/last.ckpt"]
     assert (tmp_path / "results" / "lr-sweep" / "version_0" / "summary.json").is_file()
     cli = lightning_cli(_fit(tiny_model_dir, "--trainer.logger=false")[1:], run=False)
     assert [Path(c.dirpath).relative_to(tmp_path).as_posix() for c in cli.trainer.callbacks
