@@ -14,8 +14,8 @@ Each run is ``python -m selfinterp fit --config <base> <common options> <its opt
 checkpoint in ``lightning_logs/<name>/<run>/checkpoints/``. A failed run is reported and the others
 still run. The table at the end is ``python -m selfinterp report results/<name>``.
 
-A small model leaves most of a GPU idle (the step is bound by kernel launches), so ``--parallel N``
-trains N runs at once on the same devices; each run's output then goes to ``<results>/<name>/<run>.log``
+A small model leaves most of a GPU idle (on an H100, each run's step rate was set by its own process,
+not by the card), so ``--parallel N`` trains N runs at once on the same devices; each run's output then goes to ``<results>/<name>/<run>.log``
 instead of the terminal. ``--timeout S`` stops a run (its process group, SIGTERM then SIGKILL) after S
 seconds; its results keep the epochs verified before, and it counts as failed.
 
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once; above 1, each run logs to <results>/<name>/<run>.log (default: %(default)s)")
     parser.add_argument("--timeout", type=float, help="seconds after which a run is stopped (default: none)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_commands stops the runs it started
     try:
         if args.parallel < 1:
             raise UserError(f"--parallel must be at least 1, got {args.parallel}")
@@ -172,13 +171,16 @@ def run_commands(commands: dict[str, list[str]], parallel: int, timeout: float |
 
 def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
     """SIGTERM to the run's process group, SIGKILL if it is still there after ``grace`` seconds."""
-    os.killpg(process.pid, signal.SIGTERM)
     try:
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(grace)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    except ProcessLookupError:  # it ended on its own in the meantime
+        process.wait()
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_commands stops the runs it started
     sys.exit(main())
