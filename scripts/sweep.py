@@ -15,9 +15,10 @@ checkpoint in ``lightning_logs/<name>/<run>/checkpoints/``. A failed run is repo
 still run. The table at the end is ``python -m selfinterp report results/<name>``.
 
 A small model leaves most of a GPU idle (on an H100, each run's step rate was set by its own process,
-not by the card), so ``--parallel N`` trains N runs at once on the same devices; each run's output then goes to ``<results>/<name>/<run>.log``
-instead of the terminal. ``--timeout S`` stops a run (its process group, SIGTERM then SIGKILL) after S
-seconds; its results keep the epochs verified before, and it counts as failed.
+not by the card), so ``--parallel N`` trains N runs at once on the same devices; each run's output
+then goes to ``<results>/<name>/<run>.log`` instead of the terminal. ``--timeout S`` stops a run (its
+process group, SIGTERM then SIGKILL) after S seconds; its results keep the epochs verified before,
+and it counts as failed.
 
     python scripts/sweep.py configs/sweeps/instill-135m.yaml
     python scripts/sweep.py configs/sweeps/instill-135m.yaml --only faithful lr-5e-5 --dry_run

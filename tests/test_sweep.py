@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -76,8 +77,6 @@ def test_a_run_past_the_timeout_is_stopped_and_counts_as_failed(tmp_path, capsys
 def test_run_commands_keeps_at_most_parallel_runs_alive_and_reports_failures(tmp_path):
     """Four runs, two at a time: never more than two between their start and end marks, and the one
     that exits non-zero is the one reported failed; each run's output goes to its own log."""
-    import sys
-
     sweep = load_script("sweep")
     marks = tmp_path / "marks"
     code = ("import sys, time; f = open(sys.argv[1], 'a'); f.write('start\\n'); f.flush(); time.sleep(1.0); "
