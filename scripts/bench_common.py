@@ -1,4 +1,4 @@
-"""Helpers shared by ``bench_train.py`` and ``bench_verify.py`` (device, peak FLOP/s, memory, table)."""
+"""Helpers shared by ``bench_train.py`` and ``bench_verify.py`` (device, peak FLOP/s, memory, profile, table)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 import platform
 import resource
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/bench_*.py` from anywhere, without installing
@@ -67,6 +69,50 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def profile(fn: Callable[[], object], device: torch.device, path: Path, units: int, unit: str) -> str:
+    """Run ``fn`` once under torch.profiler; write its phases and top operations to ``path`` and a Chrome
+    trace (``path`` with ``.json``) beside it; return a one-line summary.
+
+    The summary says what bounds the run: on GPU, kernel launches per ``unit`` and the share of the
+    wall time the GPU was busy (low means it waits for the CPU to dispatch operations, so fewer, larger
+    operations pay, not faster kernels); on CPU, aten calls per ``unit`` (nested calls included).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from selfinterp.atomic import atomic_path, write_text
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sync(device)
+    wall = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    wall = time.perf_counter() - wall
+    events = prof.key_averages()
+    phases = [["phase", "calls", "CPU ms", "GPU ms"]] + [
+        [e.key, e.count, e.cpu_time_total / 1e3, e.device_time_total / 1e3 if gpu else None]
+        for e in events if e.key.startswith("selfinterp.")]
+    if gpu:
+        launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+        busy = sum(e.device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not e.key.startswith("selfinterp.")) / 1e6
+        summary = (f"{wall:.3f} s wall for {units} {unit}(s); {launches / units:,.0f} kernel launches per {unit}; "
+                   f"GPU busy {100 * busy / wall:.0f}% of the wall time")
+    else:
+        calls = sum(e.count for e in events if e.key.startswith("aten::"))
+        summary = f"{wall:.3f} s wall for {units} {unit}(s); {calls / units:,.0f} aten calls per {unit} (nested included)"
+    sort = "self_device_time_total" if gpu else "self_cpu_time_total"
+    text = "\n".join([summary, "", table_text(phases[0], phases[1:]), "",
+                      events.table(sort_by=sort, row_limit=30, max_name_column_width=70)])
+    write_text(path, text + "\n")
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        prof.export_chrome_trace(str(tmp))
+    return summary
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -75,14 +121,16 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def print_table(headers: list[str], rows: list[list]) -> None:
+def table_text(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table: first column left-aligned, the others right-aligned, numbers formatted by ``fmt``."""
     cells = [[str(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
     widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
     line = lambda r: "| " + " | ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))) + " |"
-    print(line(cells[0]))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells[1:]:
-        print(line(r))
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    print(table_text(headers, rows))
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
@@ -94,4 +142,7 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--peak_tflops", type=float, help="peak for MFU (default: the card's bf16 dense peak when known)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="after the timed run, profile each path briefly (torch.profiler) and write its phases, "
+                             "top operations and a Chrome trace to DIR/<bench>-<path>.txt/.json")
     return parser

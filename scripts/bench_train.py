@@ -15,6 +15,7 @@ training prompts, batch 16).
 
     python scripts/bench_train.py                      # cuda if available, else cpu
     python scripts/bench_train.py --device cpu --steps 4 --batch_size 4
+    python scripts/bench_train.py --steps 30 --batch_size 128 --profile results/profile   # where the time goes
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import warnings
 import bench_common as bc
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from selfinterp.datamodule import ShuffledBatchSampler, collate, encode
 from selfinterp.dataset import build_data
@@ -93,7 +95,7 @@ class PathRunner:
         self.lengths = [len(e.input_ids) for e in self.encoded]
         steps = cfg["steps"] or math.ceil(len(self.encoded) / cfg["batch_size"])
         self.order = batch_order(self.lengths, cfg["batch_size"], grouped=project, seed=cfg["seed"],
-                                 n_batches=cfg["warmup"] + steps)
+                                 n_batches=cfg["warmup"] + steps + cfg["profile_steps"])
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=0.0)
         self.loss_fn = project_loss if project else naive_loss
@@ -107,11 +109,13 @@ class PathRunner:
         batch = {k: v.to(self.device) for k, v in collate([self.encoded[i] for i in idx], self.tokenizer.pad_token_id).items()}
         bc.sync(self.device)
         wall, cpu = time.perf_counter(), time.process_time()
-        with bc.autocast(self.device, enabled=True):
+        with record_function("selfinterp.train.forward"), bc.autocast(self.device, enabled=True):
             loss = self.loss_fn(self.module, batch)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("selfinterp.train.backward"):
+            loss.backward()
+        with record_function("selfinterp.train.optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         bc.sync(self.device)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if timed:
@@ -128,14 +132,14 @@ class PathRunner:
         memory, memory_kind = bc.peak_memory(self.device)
         return {**self.stats, "loss": self.stats["loss_sum"] / max(1, self.stats["steps"]), "memory": memory,
                 "memory_kind": memory_kind, "n_params": sum(p.numel() for p in self.module.parameters()),
-                "n_trainable": sum(p.numel() for p in self.params), "remaining": len(self.order) - self.next}
+                "n_trainable": sum(p.numel() for p in self.params)}
 
 
 def worker(cfg: dict, conn) -> None:
     """A path in its own process (so that peak memory is its own), answering "warmup", "reset", "step", "summary"."""
     try:
         path = PathRunner(cfg)
-        conn.send(("ok", len(path.order) - cfg["warmup"]))
+        conn.send(("ok", len(path.order) - cfg["warmup"] - cfg["profile_steps"]))
         while True:
             cmd = conn.recv()
             if cmd == "warmup":
@@ -144,6 +148,12 @@ def worker(cfg: dict, conn) -> None:
                 bc.reset_peak_memory(path.device)
             elif cmd == "step":
                 path.step(timed=True)
+            elif cmd == "profile":
+                n = cfg["profile_steps"]
+                file = cfg["profile"] / f"train-{cfg['path']}.txt"
+                summary = bc.profile(lambda: [path.step(timed=False) for _ in range(n)], path.device, file, n, "step")
+                conn.send(("ok", f"{summary} -> {file}"))
+                continue
             elif cmd == "summary":
                 conn.send(("ok", path.summary()))
                 return
@@ -182,6 +192,9 @@ def run_paths(cfg: dict) -> dict[str, dict]:
         for k in range(steps):
             for name in PATHS if k % 2 == 0 else PATHS[::-1]:
                 ask(name, "step")
+        if cfg["profile_steps"]:  # after the timed steps, so that profiling does not slow them
+            for name in PATHS:
+                print(f"profile {name}: {ask(name, 'profile')}")
         return {name: ask(name, "summary") for name in PATHS}
     finally:
         for proc in procs:
@@ -206,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps if args.steps is not None else (0 if gpu else 4)  # 0: one full epoch
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     cfg = dict(model=args.model, device=str(device), n_scenarios=n_scenarios, n_train=args.n_train,
-               batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads)
+               batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads,
+               profile=args.profile, profile_steps=3 if args.profile else 0)
     print(f"device: {bc.describe(device)}")
     print(f"model: {args.model}; {n_scenarios * args.n_train} training prompts; batch {batch_size}; "
           f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s)")

@@ -12,6 +12,7 @@ held-out prompts (100 scenarios x 50) on GPU.
 
     python scripts/bench_verify.py                     # cuda if available, else cpu
     python scripts/bench_verify.py --device cpu --n_prompts 16 --batch_size 8
+    python scripts/bench_verify.py --batch_size 512 --profile results/profile   # where the time goes
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
                 bc.sync(device)
                 seconds[name][0] += time.perf_counter() - wall
                 seconds[name][1] += time.process_time() - cpu
+        if args.profile:  # two batches per path, after the timing, so that it does not slow the timed rounds
+            sample = prompts[:2 * batch_size]
+            batches = -(-len(sample) // batch_size)
+            for name, fn in paths.items():
+                summary = bc.profile(lambda: fn(sample), device, args.profile / f"verify-{name}.txt", batches, "batch")
+                print(f"profile {name}: {summary} -> {args.profile / f'verify-{name}.txt'}")
     naive = [answer for part, _ in results["naive"] for answer in part]
     new_tokens = sum(n for _, n in results["naive"])
     choices = [c for part in results["project"] for c in part]

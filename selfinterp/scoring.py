@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from selfinterp.errors import UserError
@@ -50,16 +51,18 @@ def letter_ids(tokenizer) -> tuple[int, int]:
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows padded to the longest (on the left or right): ids and attention mask."""
+    """Token-id rows padded to the longest (on the left or right): ids and attention mask.
+
+    Built as Python lists and turned into two tensors at once: a tensor operation per row would cost
+    a dispatch each, which on a GPU is as slow as a layer of the model.
+    """
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, r in enumerate(rows):
-        if r:
-            where = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[k, where] = torch.tensor(r, dtype=torch.long)
-            mask[k, where] = 1
-    return ids.to(device), mask.to(device)
+    ids, mask = [], []
+    for r in rows:
+        gap = width - len(r)
+        ids.append([pad_id] * gap + list(r) if left else list(r) + [pad_id] * gap)
+        mask.append([0] * gap + [1] * len(r) if left else [1] * len(r) + [0] * gap)
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -204,30 +207,37 @@ def score_prompts(
     a_id, b_id = letter_ids(tokenizer)
     device = next(causal_lm.parameters()).device
     pad_id = tokenizer.pad_token_id
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if len(prompts) else []
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     share = _can_share(causal_lm)
+    # The record_function labels name the phases in a torch.profiler trace (scripts/bench_verify.py --profile).
+    with record_function("selfinterp.verify.plan"):
+        ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if len(prompts) else []
+        plan = _plan(ids, batch_size, share)
     out: list[Choice | None] = [None] * len(prompts)
-    for batch in tqdm(_plan(ids, batch_size, share), desc="verify", disable=not progress, leave=False):
+    for batch in tqdm(plan, desc="verify", disable=not progress, leave=False):
         idx = [i for i, _ in batch]
         rows = [ids[i] for i in idx]
         hidden = None
         if share and any(p for _, p in batch):
-            hidden = _shared_hidden(decoder, rows, [p for _, p in batch], pad_id, device)
+            with record_function("selfinterp.verify.shared_pass"):
+                hidden = _shared_hidden(decoder, rows, [p for _, p in batch], pad_id, device)
             share = hidden is not None
         if hidden is None:
-            hidden = _plain_hidden(decoder, rows, pad_id, device)
-        logits = head(hidden).float()
-        top = logits.argmax(dim=-1).tolist()
-        p_b = torch.sigmoid(logits[:, b_id] - logits[:, a_id]).tolist()
+            with record_function("selfinterp.verify.plain_pass"):
+                hidden = _plain_hidden(decoder, rows, pad_id, device)
+        with record_function("selfinterp.verify.head"):
+            logits = head(hidden).float()
+            top = logits.argmax(dim=-1).tolist()
+            p_b = torch.sigmoid(logits[:, b_id] - logits[:, a_id]).tolist()
         unclear = [k for k, t in enumerate(top) if t not in (a_id, b_id)]
         texts = {k: ("A" if t == a_id else "B") for k, t in enumerate(top) if k not in unclear}
         if unclear and continue_tokens > 0:
-            input_ids, mask = _pad([rows[k] for k in unclear], pad_id, left=True, device=device)
-            generated = causal_lm.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=continue_tokens, do_sample=False,
-                pad_token_id=pad_id,
-            )
+            with record_function("selfinterp.verify.continue"):
+                input_ids, mask = _pad([rows[k] for k in unclear], pad_id, left=True, device=device)
+                generated = causal_lm.generate(
+                    input_ids=input_ids, attention_mask=mask, max_new_tokens=continue_tokens, do_sample=False,
+                    pad_token_id=pad_id,
+                )
             for k, seq in zip(unclear, generated[:, input_ids.shape[1]:]):
                 texts[k] = tokenizer.decode(seq, skip_special_tokens=True)
         for k, i in enumerate(idx):

@@ -8,6 +8,7 @@ unpadded forward pass per prompt.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -45,26 +46,47 @@ def run_script(name: str, *args: str, cwd: Path) -> list[str]:
 
 
 # --- the scripts -------------------------------------------------------------------------------
+def assert_profiled(folder: Path, name: str, phases: list[str], lines: list[str]) -> None:
+    """The profile's summary line was printed, its text names each phase with its call count, and its trace is JSON."""
+    text = (folder / f"{name}.txt").read_text()
+    summary = text.splitlines()[0]
+    assert re.match(r"^[0-9.]+ s wall for \d+ (step|batch)\(s\); [0-9,]+ aten calls per (step|batch)", summary), summary
+    assert any(line.startswith("profile ") and summary in line for line in lines)
+    for phase, calls in phases:
+        assert re.search(rf"^\| {re.escape(phase)} +\| +{calls} \|", text, re.MULTILINE), (phase, text[:800])
+    assert json.loads((folder / f"{name}.json").read_text())["traceEvents"]
+
+
 @pytest.mark.slow
 def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_path):
     lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
-                       "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "1", cwd=tmp_path)
+                       "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "1",
+                       "--profile", "prof", cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
     assert float(lines[-1].split()[1]) > 0
     assert any(line.startswith("| tokens/s") for line in lines)
     assert any(line.startswith("| peak memory MiB") for line in lines)
+    assert any(re.match(r"^\| timed steps +\| +2 \| +2 \|$", line) for line in lines)  # profiling is not timed
+    phases = [("selfinterp.train.forward", 3), ("selfinterp.train.backward", 3), ("selfinterp.train.optimizer", 3)]
+    for path in ("naive", "project"):
+        assert_profiled(tmp_path / "prof", f"train-{path}", phases, lines)
 
 
 @pytest.mark.slow
 def test_bench_verify_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_path):
     lines = run_script("bench_verify", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "2",
                        "--n_test", "4", "--n_prompts", "6", "--batch_size", "4", "--warmup", "2",
-                       "--max_new_tokens", "3", "--continue_tokens", "3", cwd=tmp_path)
+                       "--max_new_tokens", "3", "--continue_tokens", "3", "--profile", "prof", cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
     assert float(lines[-1].split()[1]) > 0
     assert any(line.startswith("| prompts/s") for line in lines)
     # the random model never answers A or B: both paths decode greedily and agree on every prompt
     assert any("same choice (A/B/unparseable) on 100.0% of prompts" in line for line in lines)
+    # profiled: 2 batches of 4 of the 6 prompts (the 2 scenarios share their prefix), every answer continued
+    phases = [("selfinterp.verify.plan", 1), ("selfinterp.verify.shared_pass", 2), ("selfinterp.verify.head", 2),
+              ("selfinterp.verify.continue", 2)]
+    assert_profiled(tmp_path / "prof", "verify-project", phases, lines)
+    assert_profiled(tmp_path / "prof", "verify-naive", [], lines)
 
 
 # --- training: the answer-only head gives the usual loss ----------------------------------------
