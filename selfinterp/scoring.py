@@ -50,6 +50,25 @@ def letter_ids(tokenizer) -> tuple[int, int]:
     return ids[0][0], ids[1][0]
 
 
+def stop_ids(causal_lm: torch.nn.Module, tokenizer) -> list[int]:
+    """Token ids that end an answer: the model's and tokenizer's end-of-sequence ids, and the token the
+    chat template puts after an assistant message.
+
+    The last one guards against wrong metadata: transformers 5.17 converts SmolLM2's GGUF file with
+    ``<|im_start|>`` as end-of-sequence, and decoding would then run past ``<|im_end|>``.
+    """
+    ids = getattr(causal_lm.generation_config, "eos_token_id", None)
+    ids = {*([ids] if isinstance(ids, int) else ids or []), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    chat = [{"role": "user", "content": "?"}]
+    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": "A"}], tokenize=False)
+    if full.startswith(prompt):
+        turn = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        if len(turn) > 1 and turn[0] == letter_ids(tokenizer)[0]:
+            ids.add(turn[1])
+    return sorted(ids)
+
+
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id rows padded to the longest (on the left or right): ids and attention mask.
 
@@ -236,7 +255,7 @@ def score_prompts(
                 input_ids, mask = _pad([rows[k] for k in unclear], pad_id, left=True, device=device)
                 generated = causal_lm.generate(
                     input_ids=input_ids, attention_mask=mask, max_new_tokens=continue_tokens, do_sample=False,
-                    pad_token_id=pad_id,
+                    pad_token_id=pad_id, eos_token_id=stop_ids(causal_lm, tokenizer),
                 )
             for k, seq in zip(unclear, generated[:, input_ids.shape[1]:]):
                 texts[k] = tokenizer.decode(seq, skip_special_tokens=True)

@@ -27,6 +27,7 @@ from selfinterp.catalog import Scenario
 from selfinterp.dataset import A_COLS, B_COLS, DecisionData
 from selfinterp.errors import UserError
 from selfinterp.prompts import REPORT_PROMPT, chat_messages
+from selfinterp.scoring import stop_ids
 from selfinterp.selfreport_analysis import (
     BASE,
     INSTILLED,
@@ -107,9 +108,8 @@ def generate_texts(
 
     texts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False) for m in prompts]
     device = next(causal_lm.parameters()).device
-    eos = getattr(causal_lm.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                              eos_token_id=stop_ids(causal_lm, tokenizer), pad_token_id=tokenizer.pad_token_id)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = [""] * len(texts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from conftest import A_ID, B_ID, ROOT, TINY_CONFIG, naive_answer, scalars
 from selfinterp.callbacks import VerificationCallback, select_trials
 from selfinterp.datamodule import DecisionDataModule, prompt_text
 from selfinterp.dataset import Record, build_data
-from selfinterp.scoring import letter_ids, parse_answer, score_prompts
+from selfinterp.scoring import letter_ids, parse_answer, score_prompts, stop_ids
 
 
 class OracleLM(torch.nn.Module):
@@ -122,6 +123,31 @@ def test_score_prompts_continues_greedily_like_generate(tokenizer, tiny_model_di
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     choices = _check_against_naive(model, tokenizer, _prompts(tokenizer, 2, 2), batch_size=3, continue_tokens=3)
     assert all(c.selection == "" for c in choices)  # random weights never say A or B
+
+
+def test_decoding_stops_at_the_end_of_turn_even_when_the_eos_metadata_is_wrong(tokenizer, monkeypatch):
+    """transformers 5.17 converts SmolLM2's GGUF with <|im_start|> as end-of-sequence; answers must still end at <|im_end|>."""
+    from conftest import IM_END_ID, make_chooser, tiny_llama
+    from selfinterp.selfreport import generate_texts
+
+    model = make_chooser(tiny_llama(kv_heads=2, sharp=False), tokenizer, (IM_END_ID,))  # always says <|im_end|>
+    model.generation_config.eos_token_id = 1  # <|im_start|>, as the 5.17 conversion has it
+    wrong = copy.deepcopy(tokenizer)
+    wrong.eos_token = "<|im_start|>"
+    assert stop_ids(model, wrong) == [1, IM_END_ID]
+    lengths = []
+    generate = model.generate
+
+    def counting(**kwargs):
+        out = generate(**kwargs)
+        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(model, "generate", counting)
+    choices = score_prompts(model, wrong, _prompts(wrong, 2, 2), batch_size=8, continue_tokens=8)
+    assert [(c.raw, c.selection) for c in choices] == [("", "")] * 5  # unparseable, not guessed
+    assert generate_texts(model, wrong, [[{"role": "user", "content": "Hi"}]], max_new_tokens=8, progress=False) == [""]
+    assert lengths == [1, 1]  # one token (<|im_end|>), not 8
 
 
 @pytest.mark.parametrize("batch_size", [5, 64])
