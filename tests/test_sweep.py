@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from conftest import TINY_CONFIG
-from test_bench import load_script, run_script
+from test_bench import SCRIPTS, load_script, run_script
 
 
 def _sweep_file(tmp_path, text: str):
@@ -89,3 +94,44 @@ def test_run_commands_keeps_at_most_parallel_runs_alive_and_reports_failures(tmp
         most = max(most, alive)
     assert most == 2 and marks.read_text().count("start") == 4
     assert [(tmp_path / "logs" / f"r{k}.log").read_text() for k in range(4)] == ["ran 0\n", "ran 0\n", "ran 3\n", "ran 0\n"]
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended while we looked
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_terminated_sweep_stops_the_runs_it_started(tmp_path):
+    """SIGTERM to the sweep (a job scheduler's stop) takes its running fits down with it: none is left behind."""
+    path = _sweep_file(tmp_path, f"base: {TINY_CONFIG}\nname: s\nruns:\n  one: []\n  two: []\n")
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "sweep.py"), str(path), "--parallel", "2"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        started = 0
+        while started < 2:  # both runs launched
+            line = proc.stdout.readline()
+            assert line, "the sweep ended before starting its runs"
+            started += ": started, output in" in line
+        deadline = time.monotonic() + 30
+        while len(runs := _children(proc.pid)) < 2 and time.monotonic() < deadline:  # "started" comes just before the launch
+            time.sleep(0.05)
+        assert len(runs) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        assert "=== one: exit" not in proc.stdout.read()  # stopped, not finished
+        for pid in runs:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
