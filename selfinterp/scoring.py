@@ -62,10 +62,11 @@ def stop_ids(causal_lm: torch.nn.Module, tokenizer) -> list[int]:
     chat = [{"role": "user", "content": "?"}]
     prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": "A"}], tokenize=False)
+    letter = tokenizer.encode("A", add_special_tokens=False)
     if full.startswith(prompt):
         turn = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        if len(turn) > 1 and turn[0] == letter_ids(tokenizer)[0]:
-            ids.add(turn[1])
+        if len(turn) > len(letter) and turn[:len(letter)] == letter:
+            ids.add(turn[len(letter)])
     return sorted(ids)
 
 
