@@ -97,8 +97,8 @@ def profile(fn: Callable[[], object], device: torch.device, path: Path, units: i
         for e in events if e.key.startswith("selfinterp.")]
     if gpu:
         launches = sum(e.count for e in events if "LaunchKernel" in e.key)
-        busy = sum(e.device_time_total for e in events
-                   if e.device_type == DeviceType.CUDA and not e.key.startswith("selfinterp.")) / 1e6
+        busy = covered([(e.time_range.start, e.time_range.end) for e in prof.events()
+                        if e.device_type == DeviceType.CUDA and not e.name.startswith("selfinterp.")]) / 1e6
         summary = (f"{wall:.3f} s wall for {units} {unit}(s); {launches / units:,.0f} kernel launches per {unit}; "
                    f"GPU busy {100 * busy / wall:.0f}% of the wall time")
     else:
@@ -111,6 +111,16 @@ def profile(fn: Callable[[], object], device: torch.device, path: Path, units: i
     with atomic_path(path.with_suffix(".json")) as tmp:
         prof.export_chrome_trace(str(tmp))
     return summary
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: time during which at least one of them ran."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def fmt(value, digits: int = 3) -> str:

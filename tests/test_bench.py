@@ -89,6 +89,12 @@ def test_bench_verify_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp
     assert_profiled(tmp_path / "prof", "verify-naive", [], lines)
 
 
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    bench = load_script("bench_common")
+    assert bench.covered([(20, 30), (0, 10), (5, 15), (12, 13), (29, 31)]) == 26  # [0,15] + [20,31]
+    assert bench.covered([]) == 0
+
+
 # --- training: the answer-only head gives the usual loss ----------------------------------------
 def test_project_training_loss_equals_the_naive_full_vocabulary_loss(tiny_model_dir, tokenizer):
     bench = load_script("bench_train")
