@@ -57,8 +57,10 @@ def stop_ids(causal_lm: torch.nn.Module, tokenizer) -> list[int]:
     The last one guards against wrong metadata: transformers 5.17 converts SmolLM2's GGUF file with
     ``<|im_start|>`` as end-of-sequence, and decoding would then run past ``<|im_end|>``.
     """
-    ids = getattr(causal_lm.generation_config, "eos_token_id", None)
-    ids = {*([ids] if isinstance(ids, int) else ids or []), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    configured = getattr(causal_lm.generation_config, "eos_token_id", None)
+    ids = set([configured] if isinstance(configured, int) else configured or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
     chat = [{"role": "user", "content": "?"}]
     prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": "A"}], tokenize=False)
@@ -229,6 +231,7 @@ def score_prompts(
     pad_id = tokenizer.pad_token_id
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     share = _can_share(causal_lm)
+    stops = stop_ids(causal_lm, tokenizer)
     # The record_function labels name the phases in a torch.profiler trace (scripts/bench_verify.py --profile).
     with record_function("selfinterp.verify.plan"):
         ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if len(prompts) else []
@@ -256,7 +259,7 @@ def score_prompts(
                 input_ids, mask = _pad([rows[k] for k in unclear], pad_id, left=True, device=device)
                 generated = causal_lm.generate(
                     input_ids=input_ids, attention_mask=mask, max_new_tokens=continue_tokens, do_sample=False,
-                    pad_token_id=pad_id, eos_token_id=stop_ids(causal_lm, tokenizer),
+                    pad_token_id=pad_id, eos_token_id=stops,
                 )
             for k, seq in zip(unclear, generated[:, input_ids.shape[1]:]):
                 texts[k] = tokenizer.decode(seq, skip_special_tokens=True)
