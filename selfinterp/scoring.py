@@ -57,7 +57,7 @@ def stop_ids(causal_lm: torch.nn.Module, tokenizer) -> list[int]:
     The last one guards against wrong metadata: transformers 5.17 converts SmolLM2's GGUF file with
     ``<|im_start|>`` as end-of-sequence, and decoding would then run past ``<|im_end|>``.
     """
-    configured = getattr(causal_lm.generation_config, "eos_token_id", None)
+    configured = getattr(getattr(causal_lm, "generation_config", None), "eos_token_id", None)
     ids = set([configured] if isinstance(configured, int) else configured or [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
