@@ -46,7 +46,7 @@ def run_script(name: str, *args: str, cwd: Path) -> list[str]:
 
 
 # --- the scripts -------------------------------------------------------------------------------
-def assert_profiled(folder: Path, name: str, phases: list[str], lines: list[str]) -> None:
+def assert_profiled(folder: Path, name: str, phases: list[tuple[str, int]], lines: list[str]) -> None:
     """The profile's summary line was printed, its text names each phase with its call count, and its trace is JSON."""
     text = (folder / f"{name}.txt").read_text()
     summary = text.splitlines()[0]
