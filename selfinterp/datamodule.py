@@ -29,6 +29,16 @@ def prompt_text(tokenizer, record: Record) -> str:
     return tokenizer.apply_chat_template(record.messages(with_answer=False), tokenize=False, add_generation_prompt=True)
 
 
+def split_answer(tokenizer, record: Record) -> tuple[str, list[int]]:
+    """The chat-templated prompt and the token ids the template appends for the answer (e.g.
+    ``A<|im_end|>``), trailing white space dropped."""
+    prompt = prompt_text(tokenizer, record)
+    full = tokenizer.apply_chat_template(record.messages(), tokenize=False)
+    if not full.startswith(prompt):
+        raise UserError("the chat template renders the prompt differently with and without the answer; use another model")
+    return prompt, tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer, record: Record, loss_on: Literal["answer", "letter"] = "answer") -> Encoded:
     """Tokenize one record; labels cover the answer letter and the end-of-turn token only.
 
@@ -36,12 +46,8 @@ def encode(tokenizer, record: Record, loss_on: Literal["answer", "letter"] = "an
     assistant turn (e.g. ``A<|im_end|>\\n``), with trailing white space dropped. ``loss_on="letter"``
     keeps only the first completion token (the letter).
     """
-    prompt = prompt_text(tokenizer, record)
-    full = tokenizer.apply_chat_template(record.messages(), tokenize=False)
-    if not full.startswith(prompt):
-        raise UserError("the chat template renders the prompt differently with and without the answer; use another model")
+    prompt, answer_ids = split_answer(tokenizer, record)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
     if loss_on == "letter":
         labels = answer_ids[:1] + [IGNORE] * (len(answer_ids) - 1)
     else:

@@ -18,6 +18,8 @@ import torch
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
+from selfinterp.datamodule import split_answer
+from selfinterp.dataset import Record
 from selfinterp.errors import UserError
 
 _ANSWER = re.compile(r"^(?:option\s+)?([AB])\.?$", re.IGNORECASE)
@@ -61,14 +63,13 @@ def stop_ids(causal_lm: torch.nn.Module, tokenizer) -> list[int]:
     ids = set([configured] if isinstance(configured, int) else configured or [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    chat = [{"role": "user", "content": "?"}]
-    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": "A"}], tokenize=False)
     letter = tokenizer.encode("A", add_special_tokens=False)
-    if full.startswith(prompt):
-        turn = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        if len(turn) > len(letter) and turn[:len(letter)] == letter:
-            ids.add(turn[len(letter)])
+    try:
+        _, turn = split_answer(tokenizer, Record(system="", user="?", answer="A"))
+    except UserError:  # a template that renders the prompt differently with the answer: no turn end to read
+        turn = []
+    if len(turn) > len(letter) and turn[:len(letter)] == letter:
+        ids.add(turn[len(letter)])
     return sorted(ids)
 
 
