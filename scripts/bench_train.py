@@ -2,7 +2,8 @@
 
 project  length-grouped batches (ShuffledBatchSampler), DecisionLM.answer_logits (output head at the
          answer positions only) + cross entropy, backward, AdamW on the LoRA parameters; on GPU the
-         frozen base weights in bf16 (as DecisionLM.setup under bf16 precision) under bf16 autocast.
+         frozen base weights in bf16 (as DecisionLM.setup under bf16 precision) under bf16 autocast;
+         with --compile MODE, the decoder compiled as ``model.compile`` does (compiled in the warm-up steps).
 naive    random-order batches padded to the longest, model(input_ids, attention_mask, labels=labels)
          (full-vocabulary logits at every position), backward, AdamW on the same LoRA parameters;
          on GPU fp32 frozen weights under bf16 autocast.
@@ -16,6 +17,7 @@ training prompts, batch 16).
     python scripts/bench_train.py                      # cuda if available, else cpu
     python scripts/bench_train.py --device cpu --steps 4 --batch_size 4
     python scripts/bench_train.py --steps 30 --batch_size 128 --profile results/profile   # where the time goes
+    python scripts/bench_train.py --compile default --warmup 3   # the project's step compiled (model.compile)
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def naive_loss(module: DecisionLM, batch: dict[str, torch.Tensor]) -> torch.Tens
     return module.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def make_module(model: str, device: torch.device, bf16_base: bool, seed: int) -> DecisionLM:
+def make_module(model: str, device: torch.device, bf16_base: bool, seed: int, compile: str | None = None) -> DecisionLM:
     """DecisionLM with the default LoRA adapter (same seed, same initial adapter for both paths)."""
     torch.manual_seed(seed)
-    module = DecisionLM(model=model)
+    module = DecisionLM(model=model, compile=compile)
     if bf16_base:  # what DecisionLM.setup does under bf16 precision on GPU
         for p in module.net.parameters():
             if not p.requires_grad:
@@ -88,7 +90,8 @@ class PathRunner:
             torch.set_num_threads(cfg["threads"])
         self.device = device = torch.device(cfg["device"])
         project = cfg["path"] == "project"
-        self.module = make_module(cfg["model"], device, bf16_base=project and device.type == "cuda", seed=cfg["seed"])
+        self.module = make_module(cfg["model"], device, bf16_base=project and device.type == "cuda", seed=cfg["seed"],
+                                  compile=cfg["compile"] if project else None)
         self.tokenizer = self.module.tokenizer
         data = build_data(n_scenarios=cfg["n_scenarios"], n_train=cfg["n_train"], n_val=0, n_test=1)
         self.encoded = [encode(self.tokenizer, r) for r in data.train]
@@ -101,7 +104,7 @@ class PathRunner:
         self.loss_fn = project_loss if project else naive_loss
         self.next = 0
         self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "seconds": 0.0, "cpu_seconds": 0.0,
-                      "loss_sum": 0.0}
+                      "loss_sum": 0.0, "warmup_seconds": 0.0}
 
     def step(self, timed: bool) -> None:
         idx = self.order[self.next]
@@ -143,7 +146,9 @@ def worker(cfg: dict, conn) -> None:
         while True:
             cmd = conn.recv()
             if cmd == "warmup":
+                start = time.perf_counter()
                 path.step(timed=False)
+                path.stats["warmup_seconds"] += time.perf_counter() - start
             elif cmd == "reset":
                 bc.reset_peak_memory(path.device)
             elif cmd == "step":
@@ -211,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="timed steps per path (default: 4 on CPU, one full epoch on GPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, per path (default: 2 on CPU, 5 on GPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="compile the project path's decoder in this torch.compile mode (model.compile); "
+                             "it compiles during the warm-up steps, whose time is reported apart")
     args = parser.parse_args(argv)
     device = bc.pick_device(args.device)
     gpu = device.type == "cuda"
@@ -219,11 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps if args.steps is not None else (0 if gpu else 4)  # 0: one full epoch
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     cfg = dict(model=args.model, device=str(device), n_scenarios=n_scenarios, n_train=args.n_train,
-               batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads,
+               batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads, compile=args.compile,
                profile=args.profile, profile_steps=3 if args.profile else 0)
     print(f"device: {bc.describe(device)}")
     print(f"model: {args.model}; {n_scenarios * args.n_train} training prompts; batch {batch_size}; "
-          f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s)")
+          f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s); "
+          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}")
     results = run_paths(cfg)
     naive, proj = results["naive"], results["project"]
     peak, peak_note = bc.peak_flops(device, args.peak_tflops)
@@ -236,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     row("examples", lambda r: r["examples"])
     row("real tokens", lambda r: r["tokens"])
     row("padding (% of batch tokens)", lambda r: 100.0 * (1 - r["tokens"] / r["padded"]))
+    row("warm-up seconds (untimed; compilation included)", lambda r: r["warmup_seconds"])
     row("wall seconds", lambda r: r["seconds"])
     row("CPU seconds (process)", lambda r: r["cpu_seconds"])
     row("tokens/s", lambda r: r["tokens"] / r["seconds"])

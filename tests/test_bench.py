@@ -72,6 +72,19 @@ def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_
         assert_profiled(tmp_path / "prof", f"train-{path}", phases, lines)
 
 
+@pytest.mark.slow  # compiles (about a minute on 2 cores)
+def test_bench_train_compile_compiles_the_project_path_only(tiny_model_dir, tmp_path):
+    lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
+                       "--n_train", "8", "--batch_size", "2", "--steps", "1", "--warmup", "1", "--compile", "default",
+                       "--profile", "prof", cwd=tmp_path)
+    assert RATIO.match(lines[-1]), lines[-1]
+    assert any(line.endswith("project path compiled (default)") for line in lines)
+    assert any(line.startswith("| warm-up seconds (untimed; compilation included)") for line in lines)
+    for path, compiled in (("naive", False), ("project", True)):
+        events = json.loads((tmp_path / "prof" / f"train-{path}.json").read_text())["traceEvents"]
+        assert any(str(e.get("name", "")).startswith("Torch-Compiled Region") for e in events) == compiled, path
+
+
 @pytest.mark.slow
 def test_bench_verify_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_path):
     lines = run_script("bench_verify", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "2",

@@ -299,3 +299,36 @@ def test_module_starts_in_train_mode_so_lora_dropout_is_active(tiny_model_dir):
         assert not torch.allclose(first, second)
         module.eval()
         assert torch.equal(module.answer_logits(batch)[0], module.answer_logits(batch)[0])
+
+
+@pytest.mark.slow  # compiles (about a minute on 2 cores)
+def test_compiled_forward_gives_the_eager_loss_and_gradients(tiny_model_dir):
+    """model.compile runs the same training forward pass, for batches of different lengths."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    results = []
+    for mode in (None, "default"):
+        torch.manual_seed(0)  # the same LoRA A matrices
+        module = _module(tiny_model_dir, compile=mode)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+        items = sorted(_datamodule(module).train_set.items, key=lambda e: len(e.input_ids))
+        assert len(items[0].input_ids) < len(items[-1].input_ids)
+        out = []
+        for batch in (items[:2], items[2:]):  # two sequence lengths: one compilation serves both
+            logits, targets, _ = module.answer_logits(collate(batch, module.tokenizer.pad_token_id))
+            loss = F.cross_entropy(logits, targets)
+            loss.backward()
+            out.append(loss.item())
+        out.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
+        results.append(out)
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled module really ran a compiled graph
+    eager, compiled = results
+    assert compiled[:2] == pytest.approx(eager[:2], rel=1e-5)
+    assert compiled[2].keys() == eager[2].keys() and len(eager[2]) == 2 * 7 * 2
+    for name, g in eager[2].items():
+        torch.testing.assert_close(compiled[2][name], g, rtol=1e-4, atol=1e-6)
