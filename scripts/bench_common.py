@@ -92,9 +92,8 @@ def profile(fn: Callable[[], object], device: torch.device, path: Path, units: i
         sync(device)
     wall = time.perf_counter() - wall
     events = prof.key_averages()
-    phases = [["phase", "calls", "CPU ms", "GPU ms"]] + [
-        [e.key, e.count, e.cpu_time_total / 1e3, e.device_time_total / 1e3 if gpu else None]
-        for e in events if e.key.startswith("selfinterp.")]
+    phases = [[e.key, e.count, e.cpu_time_total / 1e3, e.device_time_total / 1e3 if gpu else None]
+              for e in events if e.key.startswith("selfinterp.")]
     if gpu:
         launches = sum(e.count for e in events if "LaunchKernel" in e.key)
         busy = covered([(e.time_range.start, e.time_range.end) for e in prof.events()
@@ -105,7 +104,7 @@ def profile(fn: Callable[[], object], device: torch.device, path: Path, units: i
         calls = sum(e.count for e in events if e.key.startswith("aten::"))
         summary = f"{wall:.3f} s wall for {units} {unit}(s); {calls / units:,.0f} aten calls per {unit} (nested included)"
     sort = "self_device_time_total" if gpu else "self_cpu_time_total"
-    text = "\n".join([summary, "", table_text(phases[0], phases[1:]), "",
+    text = "\n".join([summary, "", table_text(["phase", "calls", "CPU ms", "GPU ms"], phases), "",
                       events.table(sort_by=sort, row_limit=30, max_name_column_width=70)])
     write_text(path, text + "\n")
     with atomic_path(path.with_suffix(".json")) as tmp:

@@ -203,6 +203,8 @@ class VerificationCallback(Callback):
                 "full_finetune": bool(hp.get("full_finetune")),
                 "use_rslora": bool(hp.get("use_rslora")),
                 "batch_size": trainer.datamodule.hparams.get("batch_size"),
+                "accumulate_grad_batches": trainer.accumulate_grad_batches,  # examples per step: batch x this x devices
+                "compile": hp.get("compile"),
                 "devices": trainer.world_size,
                 "precision": str(trainer.precision),
                 "machine": machine(trainer),

@@ -58,7 +58,8 @@ class DecisionLM(L.LightningModule):
                 keeping them: far less memory (the CPU quickstart stays under 4 GiB) for about 25% more time.
             compile: Compile the training forward pass (the decoder) with torch.compile in this mode, once,
                 for every sequence length (dynamic shapes); None runs it eagerly. Fewer, fused kernels
-                per step, at the price of a compilation of minutes before the first step.
+                per step, at the price of a compilation of minutes before the first step. Validation
+                and verification stay eager.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -80,7 +81,8 @@ class DecisionLM(L.LightningModule):
                 net = get_peft_model(net, config)
             except ValueError as e:
                 raise UserError(f"model.target_modules={target_modules!r} does not fit {model}: {e}") from None
-        self._hidden = torch.compile(_hidden, mode=compile, dynamic=True) if compile else _hidden
+        # Training steps only: validation runs without gradients, which would need a second compilation.
+        self._train_hidden = torch.compile(_hidden, mode=compile, dynamic=True) if compile else _hidden
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without this,
         # dropout (lora_dropout) would be off in training unless something switched modes first.
         self.net = net.train()
@@ -109,7 +111,8 @@ class DecisionLM(L.LightningModule):
         sequence: for a small model the vocabulary projection is a large share of the work.
         """
         causal = self.causal_lm
-        hidden = self._hidden(causal.get_decoder(), batch["input_ids"], batch["attention_mask"])
+        hidden_fn = self._train_hidden if self.training and torch.is_grad_enabled() else _hidden
+        hidden = hidden_fn(causal.get_decoder(), batch["input_ids"], batch["attention_mask"])
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE
         logits = causal.get_output_embeddings()(hidden[:, :-1][mask]).float()

@@ -303,7 +303,7 @@ def test_module_starts_in_train_mode_so_lora_dropout_is_active(tiny_model_dir):
 
 @pytest.mark.slow  # compiles (about a minute on 2 cores)
 def test_compiled_forward_gives_the_eager_loss_and_gradients(tiny_model_dir):
-    """model.compile runs the same training forward pass, for batches of different lengths."""
+    """model.compile runs the same training forward pass, for batches of different lengths; validation stays eager."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -325,6 +325,11 @@ def test_compiled_forward_gives_the_eager_loss_and_gradients(tiny_model_dir):
             loss.backward()
             out.append(loss.item())
         out.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.no_grad():  # validation: eager, so it needs no second compilation
+            module.eval()
+            module.answer_logits(collate(items[:2], module.tokenizer.pad_token_id))
+        assert counters["stats"]["unique_graphs"] == graphs
         results.append(out)
     assert counters["stats"]["unique_graphs"] >= 1  # the compiled module really ran a compiled graph
     eager, compiled = results
