@@ -155,6 +155,14 @@ def _datamodule(module: DecisionLM, **kwargs) -> DecisionDataModule:
     return dm
 
 
+def _ramp_lora_b(module: DecisionLM) -> None:
+    """A fixed, non-zero adapter (LoRA B starts at zero), so that two modules built alike compute alike."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+
+
 def _trainer(**kwargs) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -241,10 +249,7 @@ def test_gradient_checkpointing_keeps_less_and_gives_the_same_gradients(tiny_mod
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same LoRA A matrices
         module = _module(tiny_model_dir, gradient_checkpointing=checkpointing, full_finetune=full_finetune)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+        _ramp_lora_b(module)
         dm = _datamodule(module)
         batch = collate(dm.train_set.items, dm.tokenizer.pad_token_id)
         kept = []  # elements of the tensors the forward pass keeps for the backward pass
@@ -312,10 +317,7 @@ def test_compiled_forward_gives_the_eager_loss_and_gradients(tiny_model_dir):
     for mode in (None, "default"):
         torch.manual_seed(0)  # the same LoRA A matrices
         module = _module(tiny_model_dir, compile=mode)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+        _ramp_lora_b(module)
         items = sorted(_datamodule(module).train_set.items, key=lambda e: len(e.input_ids))
         assert len(items[0].input_ids) < len(items[-1].input_ids)
         out = []

@@ -70,7 +70,7 @@ def fake_trainer(dm: DecisionDataModule, logger=None) -> SimpleNamespace:
     """The parts of a single-process Trainer the callback uses."""
     return SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, is_global_zero=True,
                            precision_plugin=Precision(), logger=logger, loggers=[logger] if logger else [],
-                           optimizers=[], max_epochs=None, precision="32-true",
+                           optimizers=[], max_epochs=None, accumulate_grad_batches=1, precision="32-true",
                            strategy=SimpleNamespace(root_device=torch.device("cpu")))
 
 
