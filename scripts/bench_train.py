@@ -106,7 +106,8 @@ class PathRunner:
         self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "seconds": 0.0, "cpu_seconds": 0.0,
                       "loss_sum": 0.0, "warmup_seconds": 0.0}
 
-    def step(self, timed: bool) -> None:
+    def step(self, timed: bool) -> float:
+        """One training step; its statistics count when ``timed``. Returns its wall seconds."""
         idx = self.order[self.next]
         self.next += 1
         batch = {k: v.to(self.device) for k, v in collate([self.encoded[i] for i in idx], self.tokenizer.pad_token_id).items()}
@@ -130,6 +131,7 @@ class PathRunner:
             st["seconds"] += wall
             st["cpu_seconds"] += cpu
             st["loss_sum"] += float(loss.detach())
+        return wall
 
     def summary(self) -> dict:
         memory, memory_kind = bc.peak_memory(self.device)
@@ -146,9 +148,7 @@ def worker(cfg: dict, conn) -> None:
         while True:
             cmd = conn.recv()
             if cmd == "warmup":
-                start = time.perf_counter()
-                path.step(timed=False)
-                path.stats["warmup_seconds"] += time.perf_counter() - start
+                path.stats["warmup_seconds"] += path.step(timed=False)
             elif cmd == "reset":
                 bc.reset_peak_memory(path.device)
             elif cmd == "step":
