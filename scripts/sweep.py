@@ -34,6 +34,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -140,12 +142,13 @@ def run_commands(commands: dict[str, list[str]], parallel: int, timeout: float |
         while waiting or running:
             while waiting and len(running) < parallel:
                 run = waiting.pop(0)
-                log = open(log_dir / f"{run}.log", "w") if log_dir is not None else None
-                if log is not None:
-                    print(f"=== {run}: started, output in {log.name}", flush=True)
-                process = subprocess.Popen(commands[run], stdout=log, stderr=subprocess.STDOUT if log else None,
-                                           start_new_session=True)
-                running[run] = (process, time.perf_counter(), log)
+                with _stops_deferred():  # a stop during Popen would leave this run untracked, running on
+                    log = open(log_dir / f"{run}.log", "w") if log_dir is not None else None
+                    if log is not None:
+                        print(f"=== {run}: started, output in {log.name}", flush=True)
+                    process = subprocess.Popen(commands[run], stdout=log, stderr=subprocess.STDOUT if log else None,
+                                               start_new_session=True)
+                    running[run] = (process, time.perf_counter(), log)
             time.sleep(0.2)
             for run, (process, start, log) in list(running.items()):
                 seconds = time.perf_counter() - start
@@ -168,6 +171,24 @@ def run_commands(commands: dict[str, list[str]], parallel: int, timeout: float |
             if log is not None:
                 log.close()
     return [run for run in commands if run in failed]
+
+
+@contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block, then deliver them to the handlers they had before.
+
+    Not by blocking the signals: a child started while they are blocked would inherit the mask
+    and ignore the SIGTERM that stops it."""
+    held: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    handlers = {s: signal.signal(s, lambda number, _: held.append(number)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(held):
+            signal.raise_signal(s)
 
 
 def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:

@@ -96,6 +96,34 @@ def test_run_commands_keeps_at_most_parallel_runs_alive_and_reports_failures(tmp
     assert [(tmp_path / "logs" / f"r{k}.log").read_text() for k in range(4)] == ["ran 0\n", "ran 0\n", "ran 3\n", "ran 0\n"]
 
 
+def test_a_stop_arriving_while_a_run_is_launched_still_stops_that_run(tmp_path, monkeypatch):
+    """SIGTERM delivered inside Popen (after the fork, before the run is tracked) still stops the run:
+    it is held until the run is registered, then ends the sweep through its handler."""
+    sweep = load_script("sweep")
+    launched, popen = [], subprocess.Popen
+
+    def popen_then_sigterm(*args, **kwargs):
+        process = popen(*args, **kwargs)
+        launched.append(process)
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before this function returns
+        return process
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", popen_then_sigterm)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the handler sweep.py's main installs
+    try:
+        with pytest.raises(SystemExit) as stop:
+            sweep.run_commands({"r": [sys.executable, "-c", "import time; time.sleep(60)"]}, parallel=1,
+                               timeout=None, log_dir=tmp_path / "logs")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process in launched:  # a run the sweep left behind is killed here (returncode -9 fails below)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert stop.value.code == 143
+    assert launched[0].returncode == -signal.SIGTERM  # stopped and reaped by the sweep, not left running
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the held handlers are back
+
 def _children(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (Linux /proc)."""
     out = []
