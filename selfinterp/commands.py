@@ -57,13 +57,16 @@ def report_command(results: str = "results") -> str:
         rank = "full" if setup.get("full_finetune") else str(summary.get("lora_r", "-"))
         seconds = last.get("train_seconds")
         trials = fmt(setup.get("train_trials_per_scenario"), ".0f", "-")
+        lr = fmt(setup.get("lr"), ".2g", "-")
+        if setup.get("lora_b_lr_ratio", 1) != 1:
+            lr += f" (B x{setup['lora_b_lr_ratio']:g})"
         questions = setup.get("attribute_questions_per_scenario")
         if questions:
             trials += f" + {questions:.0f} questions{' first' if setup.get('curriculum') else ''}"
         lines.append(
             f"| {path.parent.relative_to(root)} | {summary.get('model')} | {size} | "
             f"{trials} | {max(trained) if trained else last['tag']} | "
-            f"{fmt(setup.get('lr'), '.2g', '-')} | {rank} | {fmt(last.get('r'), '.3f', 'n/a')} | "
+            f"{lr} | {rank} | {fmt(last.get('r'), '.3f', 'n/a')} | "
             f"{fmt(last.get('p_value'), '.2g', 'n/a')} | {fmt(last.get('agreement'), '.1%', 'n/a')} | "
             f"{fmt(last.get('auc'), '.3f', 'n/a')} | {fmt(last.get('parse_failure'), '.1%', 'n/a')} | {fmt(last.get('frac_A'), '.1%', 'n/a')} | "
             f"{fmt(None if seconds is None else seconds / 60, '.1f', '-')} | {setup.get('machine', '-')} |"

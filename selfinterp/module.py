@@ -32,6 +32,7 @@ class DecisionLM(L.LightningModule):
         lora_dropout: float = 0.0,
         target_modules: str | list[str] = "all-linear",
         use_rslora: bool = False,
+        lora_b_lr_ratio: float = 1.0,
         full_finetune: bool = False,
         optimizer: OptimizerCallable | None = None,
         warmup: float = 0.05,
@@ -49,6 +50,8 @@ class DecisionLM(L.LightningModule):
             lora_dropout: Dropout on the LoRA input.
             target_modules: Modules that get adapters; "all-linear" is every linear projection but the output head.
             use_rslora: Rank-stabilised LoRA scaling.
+            lora_b_lr_ratio: Learning rate of the LoRA B matrices as a multiple of the optimizer's lr
+                (LoRA+, Hayou et al. 2024, suggest 16); 1 trains A and B alike.
             full_finetune: Train every weight instead of a LoRA adapter.
             optimizer: Optimizer over the trainable parameters only (default AdamW, lr 2e-4, no weight decay).
             warmup: Linear warm-up: a fraction of all steps when below 1, else a number of steps.
@@ -62,6 +65,10 @@ class DecisionLM(L.LightningModule):
                 and verification stay eager.
         """
         super().__init__()
+        if not lora_b_lr_ratio > 0:
+            raise UserError(f"model.lora_b_lr_ratio must be positive, got {lora_b_lr_ratio}")
+        if full_finetune and lora_b_lr_ratio != 1:
+            raise UserError("model.lora_b_lr_ratio applies to LoRA adapters; drop it or model.full_finetune")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.tokenizer = load_tokenizer(model)
@@ -139,11 +146,18 @@ class DecisionLM(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
+        ratio = self.hparams.lora_b_lr_ratio
+        scaled = {n for n, _ in self.named_parameters() if ratio != 1 and (".lora_B." in n or ".lora_embedding_B." in n)}
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if n not in scaled]}]
+        if scaled:
+            groups.append({"params": [p for n, p in trainable if n in scaled]})
         if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(groups, lr=2e-4, weight_decay=0.0)
         else:
-            optimizer = self.optimizer_factory(params)
+            optimizer = self.optimizer_factory(groups)
+        if len(groups) == 2:  # the factory gave every group its lr; B's is scaled (LoRA+)
+            optimizer.param_groups[1]["lr"] *= ratio
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.hparams.warmup
         warm = int(warmup * total) if warmup < 1 else int(warmup)

@@ -292,6 +292,38 @@ def test_learning_rate_schedule(tiny_model_dir):
     assert constant[4:] == pytest.approx([2e-4] * 16)
 
 
+def test_lora_b_lr_ratio_steps_b_that_many_times_further_than_a(tiny_model_dir):
+    """LoRA+: with the ratio, one plain SGD step moves each B matrix by ratio x lr x its gradient and
+    each A matrix by lr x its gradient; the schedule scales both groups alike."""
+    module = _module(tiny_model_dir, lora_b_lr_ratio=16, warmup=0, decay="linear",
+                     optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    _ramp_lora_b(module)  # with B at zero, A would get no gradient
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 1.6])
+    dm = _datamodule(module)
+    batch = collate(dm.train_set.items, dm.tokenizer.pad_token_id)
+    logits, targets, _ = module.answer_logits(batch)
+    F.cross_entropy(logits, targets).backward()
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    opt.step()
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            lr = 1.6 if ".lora_B." in name else 0.1
+            assert p.grad.abs().sum() > 0, name
+            torch.testing.assert_close(p.detach(), before[name] - lr * p.grad, rtol=0, atol=1e-6)
+    for _ in range(5):
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.8])  # half way down the linear decay
+
+
+def test_lora_b_lr_ratio_is_checked():
+    with pytest.raises(UserError, match="must be positive"):
+        DecisionLM(lora_b_lr_ratio=0)
+    with pytest.raises(UserError, match="applies to LoRA adapters"):
+        DecisionLM(full_finetune=True, lora_b_lr_ratio=16)
+
 def test_module_starts_in_train_mode_so_lora_dropout_is_active(tiny_model_dir):
     module = _module(tiny_model_dir, lora_dropout=0.5)
     assert all(m.training for m in module.modules())
