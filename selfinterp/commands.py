@@ -60,6 +60,8 @@ def report_command(results: str = "results") -> str:
         lr = fmt(setup.get("lr"), ".2g", "-")
         if setup.get("lora_b_lr_ratio", 1) != 1:
             lr += f" (B x{setup['lora_b_lr_ratio']:g})"
+        if setup.get("mirror_train"):
+            trials += " (half mirrors)"
         questions = setup.get("attribute_questions_per_scenario")
         if questions:
             trials += f" + {questions:.0f} questions{' first' if setup.get('curriculum') else ''}"

@@ -89,15 +89,19 @@ class ShuffledBatchSampler(Sampler[list[int]]):
     ``batch_size * 32`` and sort each chunk by length; cut into batches; shuffle the batches.
     With ``stages`` (one curriculum stage per example), every epoch does this for each stage on its
     own and serves the stages' batches in ascending stage order, so no batch mixes stages.
+    With ``tie`` > 1, runs of ``tie`` consecutive examples (a trial and its mirror) move as one unit
+    and always share a batch; ``batch_size`` counts examples and must be a multiple of ``tie``.
     Under DDP each rank takes every world-size-th batch (all ranks get the same number).
     """
 
     def __init__(
         self, lengths: Sequence[int], batch_size: int, group_by_length: bool = True, seed: int = 0,
-        rank: int = 0, world: int = 1, stages: Sequence[int] | None = None,
+        rank: int = 0, world: int = 1, stages: Sequence[int] | None = None, tie: int = 1,
     ) -> None:
+        if batch_size % tie or len(lengths) % tie:
+            raise ValueError(f"batch size {batch_size} and {len(lengths)} examples must be multiples of tie={tie}")
         self.lengths, self.batch_size, self.group = list(lengths), batch_size, group_by_length
-        self.seed, self.rank, self.world = seed, rank, world
+        self.seed, self.rank, self.world, self.tie = seed, rank, world, tie
         self.stages = list(stages) if stages is not None else [0] * len(self.lengths)
         self.epoch = 0
 
@@ -106,17 +110,20 @@ class ShuffledBatchSampler(Sampler[list[int]]):
 
     def _batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
+        tie, units = self.tie, self.batch_size // self.tie  # a unit: examples tie*u .. tie*u + tie - 1
+        length = [max(self.lengths[tie * u:tie * u + tie]) for u in range(len(self.lengths) // tie)]
         batches = []
         for stage in sorted(set(self.stages)):
-            order = [i for i, st in enumerate(self.stages) if st == stage]
+            order = [u for u in range(len(length)) if self.stages[tie * u] == stage]
             rng.shuffle(order)
-            chunk = self.batch_size * 32 if self.group else len(order)
+            chunk = units * 32 if self.group else len(order)
             stage_batches = []
             for start in range(0, len(order), chunk):
                 part = order[start:start + chunk]
                 if self.group:
-                    part.sort(key=lambda i: self.lengths[i])
-                stage_batches += [part[k:k + self.batch_size] for k in range(0, len(part), self.batch_size)]
+                    part.sort(key=lambda u: length[u])
+                stage_batches += [[tie * u + j for u in part[k:k + units] for j in range(tie)]
+                                  for k in range(0, len(part), units)]
             rng.shuffle(stage_batches)
             batches += stage_batches
         usable = len(batches) - len(batches) % self.world if len(batches) >= self.world else len(batches)
@@ -161,6 +168,13 @@ class DecisionDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError("data.batch_size and data.eval_batch_size must be at least 1")
+        if build_args.get("mirror_train"):  # each trial and its mirror share a training batch
+            if data_dir:
+                raise UserError("data.mirror_train applies to data generated in memory; drop data.data_dir "
+                                "(a folder written with --mirror_train is read as plain records)")
+            if batch_size % 2:
+                raise UserError(f"data.mirror_train puts each trial and its mirror in one batch, so data.batch_size "
+                                f"must be even, got {batch_size}")
         self.save_hyperparameters()
         self.data: DecisionData = read_data(data_dir) if data_dir else build_data(**build_args)
         if curriculum and not any(r.stage == 0 for r in self.data.train):
@@ -190,7 +204,8 @@ class DecisionDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         stages = [r.stage for r in self.data.train] if h.curriculum else None
         sampler = ShuffledBatchSampler(
-            [len(e.input_ids) for e in self.train_set.items], h.batch_size, h.group_by_length, h.seed, rank, world, stages
+            [len(e.input_ids) for e in self.train_set.items], h.batch_size, h.group_by_length, h.seed, rank, world, stages,
+            tie=2 if h.get("mirror_train") else 1,
         )
         if trainer is not None:
             sampler.set_epoch(trainer.current_epoch)

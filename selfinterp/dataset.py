@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +36,8 @@ from selfinterp.trials import (
     draw_trials,
     draw_weights,
     load_roles,
+    swapped,
+    target_choice,
     trial_text,
 )
 
@@ -90,6 +92,7 @@ def build_data(
     extra_train: int = 0,
     contrast_train: int = 0,
     attribute_train: int = 0,
+    mirror_train: bool = False,
     attribute_prompt: str = ATTRIBUTE_PROMPT,
     weights_seed: int = WEIGHTS_SEED,
     train_seed: int = TRAIN_SEED,
@@ -120,6 +123,10 @@ def build_data(
         attribute_train: Training questions per scenario about one attribute ("Which option has the
             higher price?", answered by the values, not the weights): a first curriculum stage that
             teaches reading and comparing the attributes (see ``data.curriculum``).
+        mirror_train: Follow every training record with its mirror: the same two options with A and
+            B exchanged, labelled by the same rule (so, but for ties, the other letter). Each pair
+            differs only in which letter the content sits behind; trained in one batch, the pair's
+            pulls on the answer bias cancel and what is left is the content.
         attribute_prompt: Instruction placed before an attribute question's text.
         weights_seed: Seed of the target weights.
         train_seed: Seed of the training and validation trials.
@@ -145,6 +152,12 @@ def build_data(
     questions = draw_attribute_questions(scenarios, attribute_train, attribute_seed)
     test = draw_trials(scenarios, weights, n_test, test_seed)
     decided = [ts[:n_train] + more + easy for ts, more, easy in zip(paper, extra, contrast)]  # per scenario
+    if mirror_train:
+        decided = [[u for t in ts for u in (t, swapped(t, target_choice(s, w, t.b, t.a)))]
+                   for s, w, ts in zip(scenarios, weights, decided)]
+        flip = {"A": "B", "B": "A"}  # the asked-about values always differ
+        questions = [[u for q in qs for u in (q, replace(q, trial=swapped(q.trial, flip[q.trial.label])))]
+                     for qs in questions]
     val_trials = [t for ts in paper for t in ts[n_train:]]
     test_trials = [t for ts in test for t in ts]
     seen = {(t.scenario, t.a, t.b) for t in val_trials}

@@ -105,6 +105,11 @@ def draw_trials(
     return out
 
 
+def swapped(trial: Trial, label: str) -> Trial:
+    """The same pair of options with A and B exchanged, labelled ``label``."""
+    return Trial(trial.scenario, trial.b, trial.a, label)
+
+
 def differing_in(scenario: Scenario, k: int, a: Sequence[float], b: Sequence[float]) -> tuple[float, ...]:
     """``b`` with its attribute ``k`` redrawn (uniform, rounded) until it differs from ``a``'s."""
     b, attr = list(b), scenario.attributes[k]

@@ -44,6 +44,7 @@ from selfinterp.trials import (
     draw_trials,
     draw_weights,
     load_roles,
+    swapped,
     target_choice,
     trial_text,
 )
@@ -440,6 +441,22 @@ def test_attribute_question_records(data: DecisionData) -> None:
     assert more.train[per].user.split("\n")[2] == "Which option has the higher battery life?"
     assert more.val == data.val and more.test == data.test
 
+
+def test_mirror_train_follows_each_training_record_with_its_options_exchanged(data: DecisionData) -> None:
+    mirrored = build_data(n_scenarios=5, **small(extra_train=3, attribute_train=2, mirror_train=True))
+    plain = build_data(n_scenarios=5, **small(extra_train=3, attribute_train=2))
+    assert mirrored.train[0::2] == plain.train and len(mirrored.train) == 2 * len(plain.train)
+    assert mirrored.val == plain.val and mirrored.test == plain.test
+    per = N_TRAIN + 3
+    first = draw_trials(data.scenarios, data.weights, N_TRAIN + 10, 2)[0][0]  # scenario 0's first paper trial
+    assert mirrored.train[1].user == DECISION_PROMPT + trial_text(data.scenarios[0], swapped(first, first.label))
+    for original, mirror in zip(mirrored.train[0::2], mirrored.train[1::2]):
+        a_block, b_block = original.user.split("\nA:\n")[1].split("\n\nB:\n")
+        assert mirror.user.endswith("\nA:\n" + b_block + "\n\nB:\n" + a_block) and mirror.stage == original.stage
+    answers = [(o.answer, m.answer) for o, m in zip(mirrored.train[0::2], mirrored.train[1::2])]
+    assert set(answers) == {("A", "B"), ("B", "A")}  # no ties in these draws: the rule flips with the options
+    questions = mirrored.train[2 * per:2 * per + 4]  # scenario 0's attribute questions, each then its mirror
+    assert [r.stage for r in questions] == [0] * 4 and questions[0].answer != questions[1].answer
 
 def test_build_data_rejects_bad_sizes() -> None:
     with pytest.raises(UserError, match="only"):

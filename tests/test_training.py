@@ -106,6 +106,42 @@ def test_curriculum_serves_every_stage_0_batch_before_any_stage_1_batch(world):
     assert any(len({stages[i] for i in b}) == 2 for b in plain)  # without stages they mix
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_tied_examples_always_share_a_batch(world):
+    lengths = LENGTHS[:52]  # 26 pairs: example 2u and 2u + 1 are a trial and its mirror
+    stages = [0 if (i // 2) % 3 == 0 else 1 for i in range(52)]
+    samplers = [ShuffledBatchSampler(lengths, 6, seed=3, rank=r, world=world, stages=stages, tie=2) for r in range(world)]
+    for epoch in (0, 1):
+        served = []
+        for s in samplers:
+            s.set_epoch(epoch)
+            for batch in s:
+                assert all(i % 2 == 0 for i in batch[0::2]) and batch[1::2] == [i + 1 for i in batch[0::2]]
+                assert len({stages[i] for i in batch}) == 1
+                served += batch
+        assert len(served) == len(set(served))
+        if world == 1:  # 9 stage-0 pairs (3 batches of 3 pairs), 17 stage-1 pairs (5 full batches, one of 2 pairs)
+            assert sorted(served) == list(range(52)) and [len(b) for b in samplers[0]].count(6) == 8
+    untied = list(ShuffledBatchSampler(lengths, 6, seed=3))
+    assert any(b[k] % 2 == 0 and b[k + 1] != b[k] + 1 for b in untied for k in range(0, len(b) - 1, 2))
+    with pytest.raises(ValueError, match="multiples of tie=2"):
+        ShuffledBatchSampler(lengths, 5, tie=2)
+
+
+def test_mirror_train_batches_hold_each_trial_next_to_its_mirror(tokenizer):
+    dm = DecisionDataModule(n_scenarios=2, n_train=6, n_val=1, n_test=5, batch_size=4, mirror_train=True)
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 6  # 24 records: 12 trials, each with its mirror
+    for batch in batches:
+        letters = batch["labels"][batch["labels"] != IGNORE].view(4, 2)[:, 0]  # the letter of each row
+        assert {tuple(pair) for pair in letters.view(2, 2).tolist()} <= {(A_ID, B_ID), (B_ID, A_ID)}
+    with pytest.raises(UserError, match="must be even"):
+        DecisionDataModule(n_scenarios=2, n_train=4, batch_size=5, mirror_train=True)
+    with pytest.raises(UserError, match="drop data.data_dir"):
+        DecisionDataModule(data_dir="somewhere", mirror_train=True)
+
 def test_curriculum_needs_attribute_questions():
     with pytest.raises(UserError, match="attribute_train"):
         DecisionDataModule(n_scenarios=2, n_train=4, n_val=1, n_test=5, curriculum=True)
