@@ -125,8 +125,9 @@ def build_data(
             teaches reading and comparing the attributes (see ``data.curriculum``).
         mirror_train: Follow every training record with its mirror: the same two options with A and
             B exchanged, labelled by the same rule (so, but for ties, the other letter). Each pair
-            differs only in which letter the content sits behind; trained in one batch, the pair's
-            pulls on the answer bias cancel and what is left is the content.
+            differs only in which letter the content sits behind; in one batch (as a fit serves
+            them), a model that ignores the content can do no better than P(A) = 1/2 on the pair,
+            so a letter bias cannot lower the loss and only the content can.
         attribute_prompt: Instruction placed before an attribute question's text.
         weights_seed: Seed of the target weights.
         train_seed: Seed of the training and validation trials.
