@@ -109,6 +109,7 @@ def test_a_stop_arriving_while_a_run_is_launched_still_stops_that_run(tmp_path, 
         return process
 
     monkeypatch.setattr(sweep.subprocess, "Popen", popen_then_sigterm)
+    sigint = signal.getsignal(signal.SIGINT)  # default, or ignored under nohup
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the handler sweep.py's main installs
     try:
         with pytest.raises(SystemExit) as stop:
@@ -122,7 +123,7 @@ def test_a_stop_arriving_while_a_run_is_launched_still_stops_that_run(tmp_path, 
                 process.wait()
     assert stop.value.code == 143
     assert launched[0].returncode == -signal.SIGTERM  # stopped and reaped by the sweep, not left running
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the held handlers are back
+    assert signal.getsignal(signal.SIGINT) is sigint  # the held handlers are back
 
 def _children(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (Linux /proc)."""
