@@ -33,6 +33,7 @@ class DecisionLM(L.LightningModule):
         target_modules: str | list[str] = "all-linear",
         use_rslora: bool = False,
         lora_b_lr_ratio: float = 1.0,
+        lora_init: Literal["default", "gaussian", "orthogonal"] = "default",
         full_finetune: bool = False,
         optimizer: OptimizerCallable | None = None,
         warmup: float = 0.05,
@@ -52,6 +53,10 @@ class DecisionLM(L.LightningModule):
             use_rslora: Rank-stabilised LoRA scaling.
             lora_b_lr_ratio: Learning rate of the LoRA B matrices as a multiple of the optimizer's lr
                 (LoRA+, Hayou et al. 2024, suggest 16); 1 trains A and B alike.
+            lora_init: How the adapter starts. "default": A Kaiming-uniform, B zero, so A gets no
+                gradient until B has moved; "gaussian": A Gaussian, B zero; "orthogonal": A and B both
+                non-zero with B @ A = 0, so the model starts unchanged and both get gradients from the
+                first step (needs an even lora_r). Each keeps the base weights as they are.
             full_finetune: Train every weight instead of a LoRA adapter.
             optimizer: Optimizer over the trainable parameters only (default AdamW, lr 2e-4, no weight decay).
             warmup: Linear warm-up: a fraction of all steps when below 1, else a number of steps.
@@ -69,6 +74,10 @@ class DecisionLM(L.LightningModule):
             raise UserError(f"model.lora_b_lr_ratio must be positive, got {lora_b_lr_ratio}")
         if full_finetune and lora_b_lr_ratio != 1:
             raise UserError("model.lora_b_lr_ratio applies to LoRA adapters; drop it or model.full_finetune")
+        if full_finetune and lora_init != "default":
+            raise UserError("model.lora_init applies to LoRA adapters; drop it or model.full_finetune")
+        if lora_init == "orthogonal" and lora_r % 2:
+            raise UserError(f"model.lora_init=orthogonal splits the rank in halves: make model.lora_r even, got {lora_r}")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.tokenizer = load_tokenizer(model)
@@ -83,6 +92,7 @@ class DecisionLM(L.LightningModule):
             config = LoraConfig(
                 r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                 use_rslora=use_rslora, task_type="CAUSAL_LM",
+                init_lora_weights=True if lora_init == "default" else lora_init,
             )
             try:
                 net = get_peft_model(net, config)

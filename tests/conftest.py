@@ -106,6 +106,15 @@ def _calibrate(model, tokenizer, pair: tuple[int, int]) -> None:
         emb[pair[1], 0] += shift
 
 
+def ramp_lora_b(module: torch.nn.Module) -> None:
+    """A fixed, non-zero adapter (LoRA B starts at zero), so that the adapter takes part and two
+    modules built alike compute alike."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+
+
 def save_model(model, tokenizer, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

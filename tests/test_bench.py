@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import naive_answer
+from conftest import naive_answer, ramp_lora_b
 from selfinterp import scoring
 from selfinterp.datamodule import collate, encode, prompt_text
 from selfinterp.dataset import build_data
@@ -112,10 +112,7 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
 def test_project_training_loss_equals_the_naive_full_vocabulary_loss(tiny_model_dir, tokenizer):
     bench = load_script("bench_train")
     module = bench.make_module(str(tiny_model_dir), torch.device("cpu"), bf16_base=False, seed=0)
-    with torch.no_grad():  # a non-zero adapter, so that it takes part in the loss
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    ramp_lora_b(module)  # a non-zero adapter, so that it takes part in the loss
     data = build_data(n_scenarios=2, n_train=3, n_val=0, n_test=1)
     items = [encode(tokenizer, r) for r in data.train]
     assert len({len(e.input_ids) for e in items}) > 1  # the batch is padded

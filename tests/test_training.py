@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import A_ID, B_ID, IM_END_ID
+from conftest import A_ID, B_ID, IM_END_ID, ramp_lora_b
 from selfinterp.datamodule import (
     IGNORE,
     DecisionDataModule,
@@ -191,14 +191,6 @@ def _datamodule(module: DecisionLM, **kwargs) -> DecisionDataModule:
     return dm
 
 
-def _ramp_lora_b(module: DecisionLM) -> None:
-    """A fixed, non-zero adapter (LoRA B starts at zero), so that two modules built alike compute alike."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
-
-
 def _trainer(**kwargs) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -255,10 +247,7 @@ def test_training_changes_lora_weights_and_no_base_weight(tiny_model_dir, tmp_pa
 @pytest.mark.parametrize("loss_on", ["answer", "letter"])
 def test_answer_logits_loss_equals_the_full_forward_loss(tiny_model_dir, loss_on):
     module = _module(tiny_model_dir)
-    with torch.no_grad():  # a non-zero adapter, so the LoRA path counts
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    ramp_lora_b(module)  # a non-zero adapter, so the LoRA path counts
     module.eval()
     dm = _datamodule(module, loss_on=loss_on)
     batch = collate(dm.train_set.items, dm.tokenizer.pad_token_id)
@@ -285,7 +274,7 @@ def test_gradient_checkpointing_keeps_less_and_gives_the_same_gradients(tiny_mod
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same LoRA A matrices
         module = _module(tiny_model_dir, gradient_checkpointing=checkpointing, full_finetune=full_finetune)
-        _ramp_lora_b(module)
+        ramp_lora_b(module)
         dm = _datamodule(module)
         batch = collate(dm.train_set.items, dm.tokenizer.pad_token_id)
         kept = []  # elements of the tensors the forward pass keeps for the backward pass
@@ -334,7 +323,7 @@ def test_lora_b_lr_ratio_steps_b_that_many_times_further_than_a(tiny_model_dir):
     module = _module(tiny_model_dir, lora_b_lr_ratio=16, warmup=0, decay="linear",
                      optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
     module._trainer = SimpleNamespace(estimated_stepping_batches=10)
-    _ramp_lora_b(module)  # with B at zero, A would get no gradient
+    ramp_lora_b(module)  # with B at zero, A would get no gradient
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 1.6])
@@ -360,13 +349,44 @@ def test_lora_b_lr_ratio_is_checked():
     with pytest.raises(UserError, match="applies to LoRA adapters"):
         DecisionLM(full_finetune=True, lora_b_lr_ratio=16)
 
+@pytest.mark.parametrize("init", ["default", "gaussian", "orthogonal"])
+def test_lora_init_starts_at_the_base_model_and_orthogonal_trains_a_from_the_first_step(tiny_model_dir, init):
+    """Every init leaves the model's output unchanged (B @ A = 0). With B at zero (default, gaussian)
+    the A matrices get no gradient on the first step; orthogonal starts A and B non-zero, so both do."""
+    torch.manual_seed(0)
+    module = _module(tiny_model_dir, lora_init=init)
+    dm = _datamodule(module)
+    batch = collate(dm.train_set.items, dm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        base = module.causal_lm.__class__.from_pretrained(str(tiny_model_dir))(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, targets, _ = module.answer_logits(batch)
+    mask = batch["labels"][:, 1:] != IGNORE
+    torch.testing.assert_close(logits, base[:, :-1][mask], rtol=0, atol=1e-5)
+    F.cross_entropy(logits, targets).backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    a = [g.abs().sum().item() for n, g in grads.items() if ".lora_A." in n]
+    b = [g.abs().sum().item() for n, g in grads.items() if ".lora_B." in n]
+    assert len(a) == len(b) > 0
+    assert all(v > 0 for v in b)
+    if init == "orthogonal":
+        assert all(v > 0 for v in a)
+    else:
+        assert all(v == 0 for v in a)
+
+
+def test_lora_init_is_checked():
+    with pytest.raises(UserError, match="make model.lora_r even, got 5"):
+        DecisionLM(lora_r=5, lora_init="orthogonal")
+    with pytest.raises(UserError, match="lora_init applies to LoRA adapters"):
+        DecisionLM(full_finetune=True, lora_init="gaussian")
+
+
 def test_module_starts_in_train_mode_so_lora_dropout_is_active(tiny_model_dir):
     module = _module(tiny_model_dir, lora_dropout=0.5)
     assert all(m.training for m in module.modules())
+    ramp_lora_b(module)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
         batch = collate(_datamodule(module).train_set.items[:2], module.tokenizer.pad_token_id)
         first, second = module.answer_logits(batch)[0], module.answer_logits(batch)[0]
         assert not torch.allclose(first, second)
@@ -385,7 +405,7 @@ def test_compiled_forward_gives_the_eager_loss_and_gradients(tiny_model_dir):
     for mode in (None, "default"):
         torch.manual_seed(0)  # the same LoRA A matrices
         module = _module(tiny_model_dir, compile=mode)
-        _ramp_lora_b(module)
+        ramp_lora_b(module)
         items = sorted(_datamodule(module).train_set.items, key=lambda e: len(e.input_ids))
         assert len(items[0].input_ids) < len(items[-1].input_ids)
         out = []

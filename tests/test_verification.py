@@ -244,10 +244,10 @@ def test_fit_writes_every_result_file_and_tensorboard_scalars(tmp_path, monkeypa
     assert all(e["r"] is not None for e in summary["epochs"])
     setup = summary["setup"]
     assert {k: setup[k] for k in ("n_scenarios", "train_trials_per_scenario", "max_epochs", "lr", "full_finetune",
-                                  "lora_b_lr_ratio", "batch_size", "accumulate_grad_batches", "compile", "devices",
-                                  "precision")} == {
+                                  "lora_b_lr_ratio", "lora_init", "batch_size", "accumulate_grad_batches", "compile",
+                                  "devices", "precision")} == {
         "n_scenarios": 2, "train_trials_per_scenario": 6, "max_epochs": 1, "lr": 1e-3, "full_finetune": False,
-        "lora_b_lr_ratio": 1.0, "batch_size": 4, "accumulate_grad_batches": 1, "compile": None, "devices": 1,
+        "lora_b_lr_ratio": 1.0, "lora_init": "default", "batch_size": 4, "accumulate_grad_batches": 1, "compile": None, "devices": 1,
         "precision": "32-true"}
     assert setup["attribute_questions_per_scenario"] == 0 and setup["curriculum"] is setup["mirror_train"] is False
     assert setup["machine"].startswith("CPU")
