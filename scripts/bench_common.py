@@ -142,14 +142,16 @@ def print_table(headers: list[str], rows: list[list]) -> None:
     print(table_text(headers, rows))
 
 
-def base_parser(doc: str) -> argparse.ArgumentParser:
-    """The options both benchmarks share: model, device, threads and the MFU peak."""
+def base_parser(doc: str, timing: bool = True) -> argparse.ArgumentParser:
+    """The options the scripts share: model, device, threads; with ``timing``, the MFU peak and --profile."""
     from selfinterp.models import EMBEDDED
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=EMBEDDED, help="model name or local transformers folder (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    if not timing:
+        return parser
     parser.add_argument("--peak_tflops", type=float, help="peak for MFU (default: the card's bf16 dense peak when known)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="after the timed run, profile each path briefly (torch.profiler) and write its phases, "

@@ -22,6 +22,7 @@ from conftest import naive_answer, ramp_lora_b
 from selfinterp import scoring
 from selfinterp.datamodule import collate, encode, prompt_text
 from selfinterp.dataset import build_data
+from selfinterp.module import DecisionLM
 from selfinterp.scoring import parse_answer, prefix_groups, score_prompts
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -230,3 +231,25 @@ def test_sliding_window_models_share_prefixes_only_when_the_window_spans_the_bat
     expected = [naive_answer(model, tokenizer, p, 2) for p in prompts]
     assert [c.raw for c in choices] == [raw for raw, _ in expected]
     assert [c.p_b for c in choices] == pytest.approx([p for _, p in expected], abs=1e-5)
+
+
+# --- memory the backward pass keeps ---------------------------------------------------------------
+def test_activation_memory_counts_what_backward_keeps_per_token(tiny_model_dir, tokenizer, capsys):
+    """Saved bytes grow with the tokens, not the weights; gradient checkpointing keeps far fewer."""
+    mem = load_script("activation_memory")
+    item = encode(tokenizer, build_data(n_scenarios=1, n_train=1, n_val=0, n_test=1).train[0])
+    saved = {}
+    for checkpointing in (False, True):
+        module = DecisionLM(model=str(tiny_model_dir), gradient_checkpointing=checkpointing).train()
+        for rows in (1, 2):  # the same prompt once and twice: no padding, twice the tokens
+            batch = collate([item] * rows, tokenizer.pad_token_id)
+            saved[checkpointing, rows] = mem.saved_bytes(module, batch, bf16=False)
+    head = module.causal_lm.get_output_embeddings().weight
+    assert saved[False, 1] < head.numel() * head.element_size() / 4  # the weights the graph holds are not counted
+    assert saved[False, 2] / saved[False, 1] == pytest.approx(2, abs=0.1)
+    assert saved[True, 2] / saved[True, 1] == pytest.approx(2, abs=0.1)
+    assert saved[True, 1] < saved[False, 1] / 2
+    mem.main(["--model", str(tiny_model_dir), "--device", "cpu", "--fp32", "--n_scenarios", "2", "--batch_size", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"\| gradient checkpointing off \|\s+2 \|", out) and "| gradient checkpointing on " in out
+    assert "GiB at batch 128" in out
