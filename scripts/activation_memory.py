@@ -17,7 +17,7 @@ import bench_common as bc
 import torch
 import torch.nn.functional as F
 
-from selfinterp.datamodule import collate, encode
+from selfinterp.datamodule import collate, encode_all
 from selfinterp.dataset import build_data
 from selfinterp.module import DecisionLM
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not p.requires_grad:
                     p.data = p.data.to(torch.bfloat16)
         module.to(device).train()
-        items = [encode(module.tokenizer, r) for r in data.train[:args.batch_size]]
+        items = encode_all(module.tokenizer, data.train[:args.batch_size])
         batch = {k: v.to(device) for k, v in collate(items, module.tokenizer.pad_token_id).items()}
         tokens = int(batch["input_ids"].numel())
         saved = saved_bytes(module, batch, bf16=not args.fp32)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from selfinterp.datamodule import ShuffledBatchSampler, collate, encode
+from selfinterp.datamodule import ShuffledBatchSampler, collate, encode_all
 from selfinterp.dataset import build_data
 from selfinterp.module import DecisionLM
 
@@ -94,7 +94,7 @@ class PathRunner:
                                   compile=cfg["compile"] if project else None)
         self.tokenizer = self.module.tokenizer
         data = build_data(n_scenarios=cfg["n_scenarios"], n_train=cfg["n_train"], n_val=0, n_test=1)
-        self.encoded = [encode(self.tokenizer, r) for r in data.train]
+        self.encoded = encode_all(self.tokenizer, data.train)
         self.lengths = [len(e.input_ids) for e in self.encoded]
         steps = cfg["steps"] or math.ceil(len(self.encoded) / cfg["batch_size"])
         self.order = batch_order(self.lengths, cfg["batch_size"], grouped=project, seed=cfg["seed"],

@@ -29,30 +29,46 @@ def prompt_text(tokenizer, record: Record) -> str:
     return tokenizer.apply_chat_template(record.messages(with_answer=False), tokenize=False, add_generation_prompt=True)
 
 
-def split_answer(tokenizer, record: Record) -> tuple[str, list[int]]:
-    """The chat-templated prompt and the token ids the template appends for the answer (e.g.
-    ``A<|im_end|>``), trailing white space dropped."""
+def _split_text(tokenizer, record: Record) -> tuple[str, str]:
+    """The chat-templated prompt and the text the template appends for the answer, trailing white space dropped."""
     prompt = prompt_text(tokenizer, record)
     full = tokenizer.apply_chat_template(record.messages(), tokenize=False)
     if not full.startswith(prompt):
         raise UserError("the chat template renders the prompt differently with and without the answer; use another model")
-    return prompt, tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
+    return prompt, full[len(prompt):].rstrip()
+
+
+def split_answer(tokenizer, record: Record) -> tuple[str, list[int]]:
+    """The chat-templated prompt and the token ids the template appends for the answer (e.g.
+    ``A<|im_end|>``), trailing white space dropped."""
+    prompt, tail = _split_text(tokenizer, record)
+    return prompt, tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+
+def encode_all(tokenizer, records: Sequence[Record], loss_on: Literal["answer", "letter"] = "answer") -> list[Encoded]:
+    """Tokenize records; labels cover the answer letter and the end-of-turn token only.
+
+    The completion is whatever the chat template appends after the generation prompt for the
+    assistant turn (e.g. ``A<|im_end|>\n``), with trailing white space dropped. ``loss_on="letter"``
+    keeps only the first completion token (the letter). The prompts are tokenized in one batch call
+    (a run of 100 scenarios x 500 trials has 50,000) and each distinct completion once.
+    """
+    texts = [_split_text(tokenizer, r) for r in records]
+    if not texts:
+        return []
+    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+    tail_ids = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in {t for _, t in texts}}
+    out = []
+    for ids, (_, tail) in zip(prompt_ids, texts):
+        answer_ids = tail_ids[tail]
+        labels = answer_ids[:1] + [IGNORE] * (len(answer_ids) - 1) if loss_on == "letter" else list(answer_ids)
+        out.append(Encoded(ids + answer_ids, [IGNORE] * len(ids) + labels))
+    return out
 
 
 def encode(tokenizer, record: Record, loss_on: Literal["answer", "letter"] = "answer") -> Encoded:
-    """Tokenize one record; labels cover the answer letter and the end-of-turn token only.
-
-    The completion is whatever the chat template appends after the generation prompt for the
-    assistant turn (e.g. ``A<|im_end|>\\n``), with trailing white space dropped. ``loss_on="letter"``
-    keeps only the first completion token (the letter).
-    """
-    prompt, answer_ids = split_answer(tokenizer, record)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if loss_on == "letter":
-        labels = answer_ids[:1] + [IGNORE] * (len(answer_ids) - 1)
-    else:
-        labels = list(answer_ids)
-    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + labels)
+    """One record tokenized as :func:`encode_all` does."""
+    return encode_all(tokenizer, [record], loss_on)[0]
 
 
 class EncodedDataset(Dataset):
@@ -193,7 +209,7 @@ class DecisionDataModule(L.LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val", "test"))
         for split in needed:
             records = getattr(data, split)
-            setattr(self, f"{split}_set", EncodedDataset([encode(self.tokenizer, r, self.hparams.loss_on) for r in records]))
+            setattr(self, f"{split}_set", EncodedDataset(encode_all(self.tokenizer, records, self.hparams.loss_on)))
 
     def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         return collate(batch, self.tokenizer.pad_token_id)

@@ -17,9 +17,10 @@ from selfinterp.datamodule import (
     ShuffledBatchSampler,
     collate,
     encode,
+    encode_all,
     prompt_text,
 )
-from selfinterp.dataset import Record
+from selfinterp.dataset import Record, build_data
 from selfinterp.errors import UserError
 from selfinterp.module import DecisionLM
 
@@ -45,6 +46,21 @@ def test_encode_letter_only_keeps_the_letter(tokenizer):
     assert letter.input_ids == answer.input_ids
     assert letter.labels[-2:] == [B_ID, IGNORE]
     assert [label for label in letter.labels if label != IGNORE] == [B_ID]
+
+
+@pytest.mark.parametrize("loss_on", ["answer", "letter"])
+def test_encode_all_batches_the_tokenizer_and_gives_what_each_record_alone_gives(tokenizer, loss_on):
+    records = build_data(n_scenarios=3, n_train=4, n_val=0, n_test=1, attribute_train=2).train
+    assert {r.answer for r in records} == {"A", "B"} and {r.stage for r in records} == {0, 1}
+    encoded = encode_all(tokenizer, records, loss_on)
+    assert len(encoded) == len(records)
+    for record, enc in zip(records, encoded):
+        prompt_ids = tokenizer(prompt_text(tokenizer, record), add_special_tokens=False)["input_ids"]
+        letter = {"A": A_ID, "B": B_ID}[record.answer]
+        assert enc.input_ids == prompt_ids + [letter, IM_END_ID]
+        labels = [letter, IM_END_ID] if loss_on == "answer" else [letter, IGNORE]
+        assert enc.labels == [IGNORE] * len(prompt_ids) + labels
+    assert encode_all(tokenizer, [], loss_on) == []
 
 
 def test_collate_right_pads_with_pad_id_ignored_labels_and_zero_mask():
