@@ -49,7 +49,7 @@ def encode_all(tokenizer, records: Sequence[Record], loss_on: Literal["answer", 
     """Tokenize records; labels cover the answer letter and the end-of-turn token only.
 
     The completion is whatever the chat template appends after the generation prompt for the
-    assistant turn (e.g. ``A<|im_end|>\n``), with trailing white space dropped. ``loss_on="letter"``
+    assistant turn (e.g. ``A<|im_end|>\\n``), with trailing white space dropped. ``loss_on="letter"``
     keeps only the first completion token (the letter). The prompts are tokenized in one batch call
     (a run of 100 scenarios x 500 trials has 50,000) and each distinct completion once.
     """
