@@ -4,8 +4,9 @@ checkpointing: what decides the largest batch, or how many runs at once, a GPU h
 Counts the bytes of the tensors autograd saves during one forward pass of the project's training step
 (``DecisionLM.answer_logits`` + cross entropy, LoRA on every linear layer), each storage once and the
 model's own weights not at all. By default the frozen base weights are bf16 under bf16 autocast, as on
-a GPU; ``--fp32`` gives the CPU recipe. No timing; runs on a GPU when there is one (--device cpu to stay on the CPU). The table projects the
-saved memory to a batch of ``--project_batch`` prompts of the measured mean length.
+a GPU; ``--fp32`` gives the CPU recipe. No timing; runs on a GPU when there is one (``--device cpu``
+to stay on the CPU). The table projects the saved memory to a batch of ``--project_batch`` prompts of
+the measured mean length.
 
     python scripts/activation_memory.py                   # the embedded model, 4 paper prompts
     python scripts/activation_memory.py --batch_size 8 --project_batch 256
@@ -61,9 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         module = DecisionLM(model=args.model, gradient_checkpointing=checkpointing)
         if not args.fp32:  # what DecisionLM.setup does under bf16 precision on a GPU
-            for p in module.net.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
+            module.cast_frozen(torch.bfloat16)
         module.to(device).train()
         items = encode_all(module.tokenizer, data.train[:args.batch_size])
         batch = {k: v.to(device) for k, v in collate(items, module.tokenizer.pad_token_id).items()}

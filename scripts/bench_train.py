@@ -58,9 +58,7 @@ def make_module(model: str, device: torch.device, bf16_base: bool, seed: int, co
     torch.manual_seed(seed)
     module = DecisionLM(model=model, compile=compile)
     if bf16_base:  # what DecisionLM.setup does under bf16 precision on GPU
-        for p in module.net.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+        module.cast_frozen(torch.bfloat16)
     return module.to(device).train()
 
 

@@ -117,9 +117,13 @@ class DecisionLM(L.LightningModule):
             on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
             dtype = "bfloat16" if on_gpu and str(self.trainer.precision).startswith("bf16") else "float32"
         if dtype == "bfloat16":
-            for p in self.net.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
+            self.cast_frozen(torch.bfloat16)
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Store the frozen (base) weights in ``dtype``; the trainable ones keep theirs for the optimizer."""
+        for p in self.net.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
 
     def answer_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits at the labelled positions only, their targets, and which of them is a letter.

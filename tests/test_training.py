@@ -359,6 +359,15 @@ def test_lora_b_lr_ratio_steps_b_that_many_times_further_than_a(tiny_model_dir):
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.8])  # half way down the linear decay
 
 
+def test_bf16_base_dtype_casts_the_frozen_weights_only(tiny_model_dir):
+    """base_dtype=bfloat16 stores the frozen base weights in bf16; the LoRA weights stay float32."""
+    module = _module(tiny_model_dir, base_dtype="bfloat16")
+    module.setup("fit")
+    frozen = {p.dtype for p in module.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in module.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+
+
 def test_lora_b_lr_ratio_is_checked():
     with pytest.raises(UserError, match="must be positive"):
         DecisionLM(lora_b_lr_ratio=0)
