@@ -2,11 +2,12 @@
 checkpointing: what decides the largest batch, or how many runs at once, a GPU holds.
 
 Counts the bytes of the tensors autograd saves during one forward pass of the project's training step
-(``DecisionLM.answer_logits`` + cross entropy, LoRA on every linear layer), each storage once and the
-model's own weights not at all. By default the frozen base weights are bf16 under bf16 autocast, as on
+(``DecisionLM.answer_logits`` + cross entropy, LoRA on every linear layer, the batch laid out as the
+datamodule's collate does, so shared prompt prefixes run once where the step shares them), each storage
+once and the model's own weights not at all. By default the frozen base weights are bf16 under bf16 autocast, as on
 a GPU; ``--fp32`` gives the CPU recipe. No timing; runs on a GPU when there is one (``--device cpu``
-to stay on the CPU). The table projects the saved memory to a batch of ``--project_batch`` prompts of
-the measured mean length.
+to stay on the CPU). The table gives it per real prompt token and projects it to a batch of
+``--project_batch`` prompts (saved bytes per prompt, times that batch).
 
     python scripts/activation_memory.py                   # the embedded model, 4 paper prompts
     python scripts/activation_memory.py --batch_size 8 --project_batch 256
@@ -17,6 +18,7 @@ from __future__ import annotations
 import bench_common as bc
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities import move_data_to_device
 
 from selfinterp.datamodule import collate, encode_all
 from selfinterp.dataset import build_data
@@ -65,16 +67,15 @@ def main(argv: list[str] | None = None) -> None:
             module.cast_frozen(torch.bfloat16)
         module.to(device).train()
         items = encode_all(module.tokenizer, data.train[:args.batch_size])
-        batch = {k: v.to(device) for k, v in collate(items, module.tokenizer.pad_token_id).items()}
-        tokens = int(batch["input_ids"].numel())
+        batch = move_data_to_device(collate(items, module.tokenizer.pad_token_id), device)
+        tokens = int(batch["attention_mask"].sum())
         saved = saved_bytes(module, batch, bf16=not args.fp32)
-        per_token = saved / tokens
-        projected = per_token * tokens / len(items) * args.project_batch
         rows.append([f"gradient checkpointing {'on' if checkpointing else 'off'}", len(items), tokens,
-                     saved / 2**20, per_token / 1024, projected / 2**30])
+                     bc.positions_run(module, batch), saved / 2**20, saved / tokens / 1024,
+                     saved / len(items) * args.project_batch / 2**30])
     print(f"device: {bc.describe(device)}; model: {args.model} "
           f"({'float32' if args.fp32 else 'bf16 frozen weights under bf16 autocast'}, LoRA r=16 on every linear layer)")
-    bc.print_table(["setting", "prompts", "tokens (padded)", "saved MiB", "KiB per token",
+    bc.print_table(["setting", "prompts", "tokens", "positions run", "saved MiB", "KiB per token",
                     f"GiB at batch {args.project_batch}"], rows)
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by ``bench_train.py`` and ``bench_verify.py`` (device, peak FLOP/s, memory, profile, table)."""
+"""Helpers shared by the benchmark scripts (device, peak FLOP/s, memory, positions run, profile, table)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
         return float(torch.cuda.max_memory_allocated(device)), "CUDA max allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(rss if sys.platform == "darwin" else rss * 1024), "process max RSS"
+
+
+def positions_run(module, batch: dict) -> int:
+    """Token positions (padding included) that ``module``'s training pass runs through the decoder for
+    ``batch``: the shared prefixes plus the suffixes where it shares them, else the whole batch."""
+    shared = module.layout_for(batch)
+    return int(shared["prefix_ids"].numel() + shared["suffix_ids"].numel() if shared is not None
+               else batch["input_ids"].numel())
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -1,16 +1,19 @@
 """Training-step throughput: the project's step against a naive loop, same data and model, one run.
 
-project  length-grouped batches (ShuffledBatchSampler), DecisionLM.answer_logits (output head at the
-         answer positions only) + cross entropy, backward, AdamW on the LoRA parameters; on GPU the
+project  length-grouped batches (ShuffledBatchSampler), each prompt prefix the batch shares run once
+         (selfinterp.prefix, as the datamodule's collate lays it out), DecisionLM.answer_logits (output
+         head at the answer positions only) + cross entropy, backward, AdamW on the LoRA parameters; on GPU the
          frozen base weights in bf16 (as DecisionLM.setup under bf16 precision) under bf16 autocast;
-         with --compile MODE, the decoder compiled as ``model.compile`` does (compiled in the warm-up steps).
+         with --compile MODE, the decoder compiled as ``model.compile`` does (compiled in the warm-up steps;
+         a compiled step runs the plain pass, without prefix sharing).
 naive    random-order batches padded to the longest, model(input_ids, attention_mask, labels=labels)
          (full-vocabulary logits at every position), backward, AdamW on the same LoRA parameters;
          on GPU fp32 frozen weights under bf16 autocast.
 
 Each path runs in its own process (so peak memory is its own: CUDA max allocated on GPU, max RSS on
 CPU); both processes stay alive and take steps in turn, so that both see the same machine load.
-Throughput counts real (non-padding) tokens over the timed steps only. The last line is
+Throughput counts real (non-padding) tokens over the timed steps only; a step's time includes building
+its batch (padding, and for the project the shared-prefix layout). The last line is
 ``ratio: <project / naive>`` of tokens/s. Defaults: small on CPU (4 steps of batch 4), the paper's full epoch on GPU (5,000
 training prompts, batch 16).
 
@@ -18,6 +21,7 @@ training prompts, batch 16).
     python scripts/bench_train.py --device cpu --steps 4 --batch_size 4
     python scripts/bench_train.py --steps 30 --batch_size 128 --profile results/profile   # where the time goes
     python scripts/bench_train.py --compile default --warmup 3   # the project's step compiled (model.compile)
+    python scripts/bench_train.py --no_share_prefix    # the project's step without prefix sharing
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import warnings
 import bench_common as bc
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities import move_data_to_device
 from torch.profiler import record_function
 
 from selfinterp.datamodule import ShuffledBatchSampler, collate, encode_all
@@ -53,10 +58,11 @@ def naive_loss(module: DecisionLM, batch: dict[str, torch.Tensor]) -> torch.Tens
     return module.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-def make_module(model: str, device: torch.device, bf16_base: bool, seed: int, compile: str | None = None) -> DecisionLM:
+def make_module(model: str, device: torch.device, bf16_base: bool, seed: int, compile: str | None = None,
+                share_prefix: bool = True) -> DecisionLM:
     """DecisionLM with the default LoRA adapter (same seed, same initial adapter for both paths)."""
     torch.manual_seed(seed)
-    module = DecisionLM(model=model, compile=compile)
+    module = DecisionLM(model=model, compile=compile, share_prefix=share_prefix)
     if bf16_base:  # what DecisionLM.setup does under bf16 precision on GPU
         module.cast_frozen(torch.bfloat16)
     return module.to(device).train()
@@ -88,8 +94,9 @@ class PathRunner:
             torch.set_num_threads(cfg["threads"])
         self.device = device = torch.device(cfg["device"])
         project = cfg["path"] == "project"
+        self.share = project and cfg["share_prefix"]
         self.module = make_module(cfg["model"], device, bf16_base=project and device.type == "cuda", seed=cfg["seed"],
-                                  compile=cfg["compile"] if project else None)
+                                  compile=cfg["compile"] if project else None, share_prefix=cfg["share_prefix"])
         self.tokenizer = self.module.tokenizer
         data = build_data(n_scenarios=cfg["n_scenarios"], n_train=cfg["n_train"], n_val=0, n_test=1)
         self.encoded = encode_all(self.tokenizer, data.train)
@@ -101,16 +108,18 @@ class PathRunner:
         self.optimizer = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=0.0)
         self.loss_fn = project_loss if project else naive_loss
         self.next = 0
-        self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+        self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "run": 0, "seconds": 0.0, "cpu_seconds": 0.0,
                       "loss_sum": 0.0, "warmup_seconds": 0.0}
 
     def step(self, timed: bool) -> float:
         """One training step; its statistics count when ``timed``. Returns its wall seconds."""
         idx = self.order[self.next]
         self.next += 1
-        batch = {k: v.to(self.device) for k, v in collate([self.encoded[i] for i in idx], self.tokenizer.pad_token_id).items()}
         bc.sync(self.device)
         wall, cpu = time.perf_counter(), time.process_time()
+        with record_function("selfinterp.train.batch"):
+            batch = collate([self.encoded[i] for i in idx], self.tokenizer.pad_token_id, share=self.share)
+            batch = move_data_to_device(batch, self.device)
         with record_function("selfinterp.train.forward"), bc.autocast(self.device, enabled=True):
             loss = self.loss_fn(self.module, batch)
         with record_function("selfinterp.train.backward"):
@@ -126,6 +135,7 @@ class PathRunner:
             st["examples"] += len(idx)
             st["tokens"] += sum(self.lengths[i] for i in idx)
             st["padded"] += len(idx) * max(self.lengths[i] for i in idx)
+            st["run"] += bc.positions_run(self.module, batch)
             st["seconds"] += wall
             st["cpu_seconds"] += cpu
             st["loss_sum"] += float(loss.detach())
@@ -217,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
                         help="compile the project path's decoder in this torch.compile mode (model.compile); "
                              "it compiles during the warm-up steps, whose time is reported apart")
+    parser.add_argument("--no_share_prefix", action="store_true",
+                        help="the project path without prefix sharing (model.share_prefix=false)")
     args = parser.parse_args(argv)
     device = bc.pick_device(args.device)
     gpu = device.type == "cuda"
@@ -226,11 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     cfg = dict(model=args.model, device=str(device), n_scenarios=n_scenarios, n_train=args.n_train,
                batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads, compile=args.compile,
+               share_prefix=not args.no_share_prefix,
                profile=args.profile, profile_steps=3 if args.profile else 0)
     print(f"device: {bc.describe(device)}")
     print(f"model: {args.model}; {n_scenarios * args.n_train} training prompts; batch {batch_size}; "
           f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s); "
-          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}")
+          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}"
+          f"{', no prefix sharing' if args.no_share_prefix else ''}")
     results = run_paths(cfg)
     naive, proj = results["naive"], results["project"]
     peak, peak_note = bc.peak_flops(device, args.peak_tflops)
@@ -243,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     row("examples", lambda r: r["examples"])
     row("real tokens", lambda r: r["tokens"])
     row("padding (% of batch tokens)", lambda r: 100.0 * (1 - r["tokens"] / r["padded"]))
+    row("token positions run (padding included)", lambda r: r["run"])
     row("warm-up seconds (untimed; compilation included)", lambda r: r["warmup_seconds"])
     row("wall seconds", lambda r: r["seconds"])
     row("CPU seconds (process)", lambda r: r["cpu_seconds"])

@@ -26,7 +26,8 @@ import torch
 from selfinterp.datamodule import prompt_text
 from selfinterp.dataset import build_data
 from selfinterp.models import load_model, load_tokenizer
-from selfinterp.scoring import _can_share, _plan, parse_answer, score_prompts
+from selfinterp.prefix import can_share
+from selfinterp.scoring import _plan, parse_answer, score_prompts
 
 PAPER_TEST = 5000  # held-out prompts verified per epoch in the paper setting
 
@@ -50,7 +51,7 @@ def naive_verify(model, tokenizer, prompts: list[str], batch_size: int, max_new_
 def project_tokens(model, ids: list[list[int]], batch_size: int) -> int:
     """Tokens the project's verifier runs through the model in its first pass (prefixes once per batch)."""
     total = 0
-    for batch in _plan(ids, batch_size, _can_share(model)):
+    for batch in _plan(ids, batch_size, can_share(model)):
         prefixes = {tuple(ids[i][:p]) for i, p in batch if p}
         total += sum(len(ids[i]) - p for i, p in batch) + sum(len(k) for k in prefixes)
     return total

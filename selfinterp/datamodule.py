@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfinterp.dataset import DecisionData, Record, build_data, read_data
 from selfinterp.errors import UserError
+from selfinterp.prefix import prefix_lengths, shared_layout
 
 IGNORE = -100
 
@@ -84,8 +85,13 @@ class EncodedDataset(Dataset):
         return self.items[i]
 
 
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input ids with ``pad_id``, labels with IGNORE, attention mask 0 on padding."""
+def collate(batch: Sequence[Encoded], pad_id: int, share: bool = True) -> dict[str, Any]:
+    """Right-pad a batch: input ids with ``pad_id``, labels with IGNORE, attention mask 0 on padding.
+
+    With ``share``, where rows share a prompt prefix worth it, ``"shared"`` also holds the batch as distinct prefixes
+    plus each row's own suffix (:func:`selfinterp.prefix.shared_layout`), so that the model can run each
+    prefix once. Prefixes end before a row's last prompt token, whose hidden state predicts the letter.
+    """
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -95,7 +101,14 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out: dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if not share:
+        return out
+    prompts = [e.input_ids[:next((t for t, y in enumerate(e.labels) if y != IGNORE), len(e.labels))] for e in batch]
+    prefix = prefix_lengths(prompts)
+    if any(prefix):
+        out["shared"] = shared_layout([e.input_ids for e in batch], prefix, pad_id, [e.labels for e in batch], IGNORE)
+    return out
 
 
 class ShuffledBatchSampler(Sampler[list[int]]):

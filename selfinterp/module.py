@@ -13,6 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from selfinterp.datamodule import IGNORE
 from selfinterp.errors import UserError
 from selfinterp.models import EMBEDDED, load_model, load_tokenizer
+from selfinterp.prefix import can_share, shared_hidden
 
 
 def _hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,7 @@ class DecisionLM(L.LightningModule):
         decay: Literal["linear", "cosine", "constant"] = "linear",
         base_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
         gradient_checkpointing: bool = False,
+        share_prefix: bool = True,
         compile: Literal["default", "reduce-overhead", "max-autotune"] | None = None,
     ) -> None:
         """
@@ -64,6 +66,10 @@ class DecisionLM(L.LightningModule):
             base_dtype: Dtype of the frozen base weights; "auto" is bfloat16 under bf16 precision on GPU, else float32.
             gradient_checkpointing: Recompute each layer's activations in the backward pass instead of
                 keeping them: far less memory (the CPU quickstart stays under 4 GiB) for about 25% more time.
+            share_prefix: Run each prompt prefix that a batch's rows share (the system prompt and
+                instruction; within a scenario, also its question) once, not once per row: the same
+                loss and gradients from fewer token positions. Training steps with gradient
+                checkpointing, compile or lora_dropout > 0 run the plain pass regardless.
             compile: Compile the training forward pass (the decoder) with torch.compile in this mode, once,
                 for every sequence length (dynamic shapes); None runs it eagerly. Fewer, fused kernels
                 per step, at the price of a compilation of minutes before the first step. Validation
@@ -103,6 +109,11 @@ class DecisionLM(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without this,
         # dropout (lora_dropout) would be off in training unless something switched modes first.
         self.net = net.train()
+        # Run each batch's shared prompt prefixes once (selfinterp.prefix), where the model allows it.
+        # Not in training steps that replay layers (checkpointing drops the cache), that compile the
+        # plain pass, or that draw dropout per row (one prefix pass would share its noise).
+        self._share = share_prefix and can_share(self.causal_lm)
+        self._share_in_training = not (gradient_checkpointing or compile or lora_dropout > 0)
         # Checkpoints hold the trainable weights only; the frozen base comes from `model`.
         self.strict_loading = False
 
@@ -125,16 +136,34 @@ class DecisionLM(L.LightningModule):
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
 
-    def answer_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layout_for(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The batch's prefix-shared layout where this pass can use it, else None (a plain pass)."""
+        training = self.training and torch.is_grad_enabled()
+        if not self._share or (training and not self._share_in_training):
+            return None
+        return batch.get("shared")
+
+    def answer_logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits at the labelled positions only, their targets, and which of them is a letter.
 
         The output head runs only where a label follows (the answer tokens), not over the whole
-        sequence: for a small model the vocabulary projection is a large share of the work.
+        sequence: for a small model the vocabulary projection is a large share of the work. Where the
+        batch has a prefix-shared layout (``batch["shared"]``, see :func:`selfinterp.datamodule.collate`)
+        and the model allows it, each shared prompt prefix runs once.
         """
         causal = self.causal_lm
-        hidden_fn = self._train_hidden if self.training and torch.is_grad_enabled() else _hidden
-        hidden = hidden_fn(causal.get_decoder(), batch["input_ids"], batch["attention_mask"])
-        targets = batch["labels"][:, 1:]
+        training = self.training and torch.is_grad_enabled()
+        shared = self.layout_for(batch)
+        hidden = shared_hidden(causal.get_decoder(), shared) if shared is not None else None
+        if hidden is not None:
+            labels = shared["suffix_labels"]
+        else:
+            if shared is not None:  # a cache this model's layers do not fill plainly: never try again
+                self._share = False
+            hidden_fn = self._train_hidden if training else _hidden
+            hidden = hidden_fn(causal.get_decoder(), batch["input_ids"], batch["attention_mask"])
+            labels = batch["labels"]
+        targets = labels[:, 1:]
         mask = targets != IGNORE
         logits = causal.get_output_embeddings()(hidden[:, :-1][mask]).float()
         letter = (mask.cumsum(dim=1) == 1) & mask  # the first labelled token of each row

@@ -3,13 +3,12 @@
 Prompts that share a long token prefix (all test prompts of a scenario share the system prompt,
 the instruction and the question) are scored without recomputing that prefix: it runs once, its
 key/value cache is copied to every prompt of the batch that shares it, and only the suffixes run
-(see ``docs/PERFORMANCE.md`` for the measured gain). Where that does not apply (no long shared
+(:mod:`selfinterp.prefix`; see ``docs/PERFORMANCE.md`` for the measured gain). Where that does not apply (no long shared
 prefix, an attention or cache type it is not written for) the plain left-padded path is used.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,12 +20,9 @@ from tqdm.auto import tqdm
 from selfinterp.datamodule import split_answer
 from selfinterp.dataset import Record
 from selfinterp.errors import UserError
+from selfinterp.prefix import can_share, pad_rows, prefix_groups, shared_hidden, shared_layout
 
 _ANSWER = re.compile(r"^(?:option\s+)?([AB])\.?$", re.IGNORECASE)
-# Shortest shared prefix worth a cached forward pass of its own (tokens).
-MIN_SHARED_PREFIX = 16
-# Attention implementations whose masks handle the padded prefix + suffix layout used here.
-_SHARED_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -73,68 +69,6 @@ def stop_ids(causal_lm: torch.nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows padded to the longest (on the left or right): ids and attention mask.
-
-    Built as Python lists and turned into two tensors at once: a tensor operation per row would cost
-    a dispatch each, which on a GPU is as slow as a layer of the model.
-    """
-    width = max(len(r) for r in rows)
-    ids, mask = [], []
-    for r in rows:
-        gap = width - len(r)
-        ids.append([pad_id] * gap + list(r) if left else list(r) + [pad_id] * gap)
-        mask.append([0] * gap + [1] * len(r) if left else [1] * len(r) + [0] * gap)
-    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
-
-
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def prefix_groups(ids: Sequence[Sequence[int]], min_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[list[int], int]]:
-    """Partition prompts (token-id lists) into groups that share a token prefix, saving the most tokens.
-
-    Returns ``(members, prefix_len)`` pairs covering every index once; ``prefix_len`` is 0 for prompts
-    that share nothing worth caching, else at least ``min_prefix`` and shorter than every member (each
-    keeps at least one token of its own). Groups are contiguous runs of the lexicographically sorted
-    prompts; a run is split where splitting saves more tokens, ``(size - 1) * prefix_len`` being a
-    group's saving (the optimum over the runs that the sorted prompts' common prefixes nest into).
-    """
-    n = len(ids)
-    order = sorted(range(n), key=lambda i: list(ids[i]))
-    # c[k]: the prefix the k-th and (k+1)-th sorted prompts can share.
-    c = [min(_lcp(ids[a], ids[b]), len(ids[a]) - 1, len(ids[b]) - 1) for a, b in zip(order, order[1:])]
-    best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}
-    stack: list[tuple[int, int, bool]] = [(0, n, False)] if n else []
-    while stack:  # post-order over the nested runs, without recursion
-        lo, hi, expanded = stack.pop()
-        if hi - lo == 1:
-            best[lo, hi] = (0, [(lo, hi, 0)])
-            continue
-        m = min(c[lo:hi - 1])
-        cuts = [lo] + [k + 1 for k in range(lo, hi - 1) if c[k] == m] + [hi]
-        kids = list(zip(cuts, cuts[1:]))
-        if not expanded:
-            stack.append((lo, hi, True))
-            stack.extend((a, b, False) for a, b in kids)
-            continue
-        keep = (hi - lo - 1) * m if m >= min_prefix else 0
-        parts = [best.pop(k) for k in kids]
-        split = sum(s for s, _ in parts)
-        if split > keep:
-            best[lo, hi] = (split, [g for _, gs in parts for g in gs])
-        else:
-            best[lo, hi] = (keep, [(lo, hi, m if m >= min_prefix else 0)])
-    runs = best[0, n][1] if n else []
-    return [([order[k] for k in range(lo, hi)], m) for lo, hi, m in runs]
-
-
 def _plan(ids: Sequence[Sequence[int]], batch_size: int, share: bool) -> list[list[tuple[int, int]]]:
     """Batches of ``(prompt index, shared prefix length)``: shared groups kept together, then the rest by length."""
     groups = prefix_groups(ids) if share else [(list(range(len(ids))), 0)]
@@ -146,67 +80,21 @@ def _plan(ids: Sequence[Sequence[int]], batch_size: int, share: bool) -> list[li
     return [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
 
 
-def _cache_kwarg(decoder: torch.nn.Module) -> str | None:
-    """The decoder's keyword for a key/value cache ("cache" in transformers 5, "past_key_values" before)."""
-    params = inspect.signature(decoder.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
-def _can_share(causal_lm: torch.nn.Module) -> bool:
-    config = getattr(causal_lm, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    if getattr(config, "_attn_implementation", None) not in _SHARED_ATTENTION:
-        return False
-    return _cache_kwarg(causal_lm.get_decoder()) is not None
-
-
 def _plain_hidden(decoder, ids: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
     """Last-position hidden states from one left-padded forward pass."""
-    input_ids, mask = _pad(ids, pad_id, left=True, device=device)
+    input_ids, mask = pad_rows(ids, pad_id, left=True, device=device)
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state[:, -1]
 
 
-def _shared_hidden(decoder, ids: Sequence[Sequence[int]], prefix: Sequence[int], pad_id: int,
-                   device: torch.device) -> torch.Tensor | None:
-    """Last-position hidden states, each distinct prefix computed once; None if the cache is not a plain one.
-
-    Prefixes (right-padded) run once with a cache; each row gets its prefix's keys/values, and the
-    right-padded suffixes run against them. The mask hides the prefix padding and the prefixes of
-    rows without one; position ids continue each row's own prefix, so every real token sees exactly
-    what it sees in the plain pass.
-    """
-    try:
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-    except ImportError:  # transformers before 4.56: no per-layer cache objects
+def _shared_last(decoder, ids: Sequence[Sequence[int]], prefix: Sequence[int], pad_id: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """Last-position hidden states with each distinct prefix computed once; None if the cache is not a plain one."""
+    layout = shared_layout(ids, prefix, pad_id, device=device)
+    hidden = shared_hidden(decoder, layout)
+    if hidden is None:
         return None
-
-    keys = sorted({tuple(r[:p]) for r, p in zip(ids, prefix) if p})
-    slot = {k: n for n, k in enumerate(keys)}
-    pre_ids, pre_mask = _pad(keys, pad_id, left=False, device=device)
-    kwarg = _cache_kwarg(decoder)
-    out = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
-    suffixes = [r[p:] for r, p in zip(ids, prefix)]
-    width = pre_ids.shape[1] + max(len(s) for s in suffixes)
-    layers = getattr(cache, "layers", None)
-    # Plain layers, or sliding-window ones whose window spans the whole padded sequence (then they
-    # attend exactly like full ones); anything else (smaller windows, linear attention) is not handled.
-    if not layers or not all(type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer
-                                                             and layer.sliding_window > width) for layer in layers):
-        return None
-    rows = torch.tensor([slot[tuple(r[:p])] if p else 0 for r, p in zip(ids, prefix)], device=device)
-    cache.batch_select_indices(rows)
-    own = torch.tensor(prefix, device=device)
-    prefix_mask = pre_mask[rows] * (own > 0).unsqueeze(1)
-    suf_ids, suf_mask = _pad(suffixes, pad_id, left=False, device=device)
-    position_ids = own.unsqueeze(1) + torch.arange(suf_ids.shape[1], device=device)
-    hidden = decoder(
-        input_ids=suf_ids, attention_mask=torch.cat([prefix_mask, suf_mask], dim=1), position_ids=position_ids,
-        use_cache=True, **{kwarg: cache},
-    ).last_hidden_state
-    last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
+    last = layout["suffix_mask"].sum(dim=1) - 1
     return hidden[torch.arange(len(ids), device=device), last]
 
 
@@ -231,7 +119,7 @@ def score_prompts(
     device = next(causal_lm.parameters()).device
     pad_id = tokenizer.pad_token_id
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-    share = _can_share(causal_lm)
+    share = can_share(causal_lm)
     stops = stop_ids(causal_lm, tokenizer)
     # The record_function labels name the phases in a torch.profiler trace (scripts/bench_verify.py --profile).
     with record_function("selfinterp.verify.plan"):
@@ -244,7 +132,7 @@ def score_prompts(
         hidden = None
         if share and any(p for _, p in batch):
             with record_function("selfinterp.verify.shared_pass"):
-                hidden = _shared_hidden(decoder, rows, [p for _, p in batch], pad_id, device)
+                hidden = _shared_last(decoder, rows, [p for _, p in batch], pad_id, device)
             share = hidden is not None
         if hidden is None:
             with record_function("selfinterp.verify.plain_pass"):
@@ -257,7 +145,7 @@ def score_prompts(
         texts = {k: ("A" if t == a_id else "B") for k, t in enumerate(top) if k not in unclear}
         if unclear and continue_tokens > 0:
             with record_function("selfinterp.verify.continue"):
-                input_ids, mask = _pad([rows[k] for k in unclear], pad_id, left=True, device=device)
+                input_ids, mask = pad_rows([rows[k] for k in unclear], pad_id, left=True, device=device)
                 generated = causal_lm.generate(
                     input_ids=input_ids, attention_mask=mask, max_new_tokens=continue_tokens, do_sample=False,
                     pad_token_id=pad_id, eos_token_id=stops,

@@ -23,7 +23,8 @@ from selfinterp import scoring
 from selfinterp.datamodule import collate, encode, prompt_text
 from selfinterp.dataset import build_data
 from selfinterp.module import DecisionLM
-from selfinterp.scoring import parse_answer, prefix_groups, score_prompts
+from selfinterp.prefix import prefix_groups
+from selfinterp.scoring import parse_answer, score_prompts
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 RATIO = re.compile(r"^ratio: [0-9.]+$")
@@ -71,6 +72,21 @@ def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_
     phases = [("selfinterp.train.forward", 3), ("selfinterp.train.backward", 3), ("selfinterp.train.optimizer", 3)]
     for path in ("naive", "project"):
         assert_profiled(tmp_path / "prof", f"train-{path}", phases, lines)
+    naive, project = _row(lines, "token positions run (padding included)")
+    assert project < 0.9 * naive  # each step's 2 rows share their first ~60 of ~170 tokens, run once
+    lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
+                       "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "0", "--no_share_prefix",
+                       cwd=tmp_path)
+    assert lines[1].endswith("project path eager, no prefix sharing")
+    padding = _row(lines, "padding (% of batch tokens)")[1]
+    real = _row(lines, "real tokens")[1]
+    assert _row(lines, "token positions run (padding included)")[1] == pytest.approx(real / (1 - padding / 100), rel=0.01)
+
+
+def _row(lines: list[str], name: str) -> tuple[float, float]:
+    """The naive and project values of a benchmark table's row."""
+    cells = next(line for line in lines if line.startswith(f"| {name} ")).split("|")
+    return float(cells[2].replace(",", "")), float(cells[3].replace(",", ""))
 
 
 @pytest.mark.slow  # compiles (about a minute on 2 cores)
@@ -118,6 +134,7 @@ def test_project_training_loss_equals_the_naive_full_vocabulary_loss(tiny_model_
     items = [encode(tokenizer, r) for r in data.train]
     assert len({len(e.input_ids) for e in items}) > 1  # the batch is padded
     batch = collate(items, tokenizer.pad_token_id)
+    assert module.layout_for(batch) is not None  # the project's step runs each shared prefix once
     losses, grads = [], []
     for loss_fn in (bench.project_loss, bench.naive_loss):
         module.zero_grad(set_to_none=True)
@@ -126,8 +143,8 @@ def test_project_training_loss_equals_the_naive_full_vocabulary_loss(tiny_model_
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
-    for name, g in grads[0].items():
-        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6)
+    for name, g in grads[0].items():  # float32 sums in another order (shared prefixes): within 1e-5
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-5)
 
 
 def test_batch_orders_cover_the_data_the_naive_one_unsorted():
@@ -154,8 +171,8 @@ def test_shared_prefix_scoring_matches_one_unpadded_pass_per_prompt(tokenizer, c
     model = AutoModelForCausalLM.from_pretrained(chooser_model_dir if which == "chooser" else tiny_model_dir).eval()
     prompts = _prompts(tokenizer)
     calls = []
-    shared = scoring._shared_hidden
-    monkeypatch.setattr(scoring, "_shared_hidden", lambda *a, **k: calls.append(1) or shared(*a, **k))
+    shared = scoring._shared_last
+    monkeypatch.setattr(scoring, "_shared_last", lambda *a, **k: calls.append(1) or shared(*a, **k))
     choices = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=3)
     assert calls  # the shared-prefix path ran
     expected = [naive_answer(model, tokenizer, p, 3) for p in prompts]
@@ -165,7 +182,7 @@ def test_shared_prefix_scoring_matches_one_unpadded_pass_per_prompt(tokenizer, c
     if which == "chooser":
         assert {c.selection for c in choices} == {"A", "B"}
     # the plain left-padded path gives the same
-    monkeypatch.setattr(scoring, "_can_share", lambda model: False)
+    monkeypatch.setattr(scoring, "can_share", lambda model: False)
     plain = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=3)
     assert [c.raw for c in plain] == [c.raw for c in choices]
     assert [c.p_b for c in plain] == pytest.approx([c.p_b for c in choices], abs=1e-5)
@@ -224,8 +241,8 @@ def test_sliding_window_models_share_prefixes_only_when_the_window_spans_the_bat
     model = Gemma3ForCausalLM(config).eval()
     prompts = _prompts(tokenizer)[:6]
     results = []
-    original = scoring._shared_hidden
-    monkeypatch.setattr(scoring, "_shared_hidden", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
+    original = scoring._shared_last
+    monkeypatch.setattr(scoring, "_shared_last", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
     choices = score_prompts(model, tokenizer, prompts, batch_size=4, continue_tokens=2)
     assert results and all((r is not None) == shared for r in results)
     expected = [naive_answer(model, tokenizer, p, 2) for p in prompts]
@@ -242,14 +259,19 @@ def test_activation_memory_counts_what_backward_keeps_per_token(tiny_model_dir, 
     for checkpointing in (False, True):
         module = DecisionLM(model=str(tiny_model_dir), gradient_checkpointing=checkpointing).train()
         for rows in (1, 2):  # the same prompt once and twice: no padding, twice the tokens
-            batch = collate([item] * rows, tokenizer.pad_token_id)
-            saved[checkpointing, rows] = mem.saved_bytes(module, batch, bf16=False)
+            for share in (False, True):
+                batch = collate([item] * rows, tokenizer.pad_token_id, share=share)
+                saved[checkpointing, rows, share] = mem.saved_bytes(module, batch, bf16=False)
     head = module.causal_lm.get_output_embeddings().weight
-    assert saved[False, 1] < head.numel() * head.element_size() / 4  # the weights the graph holds are not counted
-    assert saved[False, 2] / saved[False, 1] == pytest.approx(2, abs=0.1)
-    assert saved[True, 2] / saved[True, 1] == pytest.approx(2, abs=0.1)
-    assert saved[True, 1] < saved[False, 1] / 2
+    assert saved[False, 1, False] < head.numel() * head.element_size() / 4  # the weights the graph holds are not counted
+    assert saved[False, 2, False] / saved[False, 1, False] == pytest.approx(2, abs=0.1)
+    assert saved[True, 2, False] / saved[True, 1, False] == pytest.approx(2, abs=0.1)
+    assert saved[True, 1, False] < saved[False, 1, False] / 2
+    # two rows that share all but their last prompt token: that prefix's activations are kept once
+    assert saved[False, 2, True] < 0.8 * saved[False, 2, False]  # 0.71 on this tiny model
+    assert saved[True, 2, True] == saved[True, 2, False]  # checkpointed layers run the plain pass
     mem.main(["--model", str(tiny_model_dir), "--device", "cpu", "--fp32", "--n_scenarios", "2", "--batch_size", "2"])
     out = capsys.readouterr().out
     assert re.search(r"\| gradient checkpointing off \|\s+2 \|", out) and "| gradient checkpointing on " in out
+    assert "positions run" in out
     assert "GiB at batch 128" in out

@@ -82,6 +82,25 @@ def test_collate_of_real_records_keeps_each_answer_at_its_own_end(tokenizer):
         assert (out["labels"][row, n:] == IGNORE).all()
 
 
+def test_collate_lays_out_each_shared_prompt_prefix_once_and_every_row_keeps_its_answer(tokenizer):
+    data = build_data(n_scenarios=2, n_train=3, n_val=0, n_test=1)
+    encs = encode_all(tokenizer, data.train) + [encode(tokenizer, RECORD_B)]  # the last shares no system prompt
+    out = collate(encs, tokenizer.pad_token_id)
+    assert "shared" not in collate(encs, tokenizer.pad_token_id, share=False)
+    shared = out["shared"]
+    lengths = shared["prefix_len"].tolist()
+    assert lengths[-1] == 0 and all(p >= 50 for p in lengths[:-1])
+    for row, (e, p) in enumerate(zip(encs, lengths)):
+        n = len(e.input_ids) - p
+        prefix = shared["prefix_ids"][shared["prefix_row"][row], :p].tolist()
+        assert prefix + shared["suffix_ids"][row, :n].tolist() == e.input_ids
+        assert int(shared["suffix_mask"][row].sum()) == n and int(shared["prefix_mask"][shared["prefix_row"][row]].sum()) >= p
+        assert shared["suffix_labels"][row, :n].tolist() == e.labels[p:]
+        assert shared["suffix_labels"][row, 0] == IGNORE  # the last prompt token, which predicts the letter, is in the suffix
+    run = int(shared["prefix_mask"].sum() + shared["suffix_mask"].sum())
+    assert run < int(out["attention_mask"].sum()) - 4 * 50  # 6 rows in at most 2 prefixes
+
+
 # --- sampler --------------------------------------------------------------------------------
 LENGTHS = [(i * 37) % 101 + 5 for i in range(53)]
 
@@ -303,6 +322,40 @@ def test_gradient_checkpointing_keeps_less_and_gives_the_same_gradients(tiny_mod
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["lora", "full_finetune", "gradient_checkpointing", "lora_dropout"])
+def test_shared_prefix_pass_gives_the_plain_pass_loss_and_gradients(tiny_model_dir, tokenizer, setting):
+    """A batch whose prompts share prefixes (each run once) trains and validates exactly as one plain pass.
+    Training steps that replay layers (checkpointing) or draw dropout per row run the plain pass instead."""
+    torch.manual_seed(0)
+    kwargs = {"lora": {}, "full_finetune": {"full_finetune": True}, "gradient_checkpointing": {"gradient_checkpointing": True},
+              "lora_dropout": {"lora_dropout": 0.3}}[setting]
+    module = _module(tiny_model_dir, **kwargs)
+    if setting != "full_finetune":
+        ramp_lora_b(module)
+    data = build_data(n_scenarios=2, n_train=3, n_val=0, n_test=1)
+    batch = collate(encode_all(tokenizer, data.train) + [encode(tokenizer, RECORD_B)], tokenizer.pad_token_id)
+    plain = {k: v for k, v in batch.items() if k != "shared"}
+    assert (module.layout_for(batch) is not None) == (setting in ("lora", "full_finetune"))
+    assert _module(tiny_model_dir, share_prefix=False, **kwargs).layout_for(batch) is None
+    out = []
+    for b in (batch, plain):
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout draws
+        logits, targets, letter = module.answer_logits(b)
+        F.cross_entropy(logits, targets).backward()
+        out.append((logits, targets, letter, {n: p.grad for n, p in module.named_parameters() if p.requires_grad}))
+    (shared_logits, targets, letter, grads), (plain_logits, plain_targets, plain_letter, plain_grads) = out
+    assert torch.equal(targets, plain_targets) and torch.equal(letter, plain_letter) and int(letter.sum()) == 7
+    torch.testing.assert_close(shared_logits, plain_logits, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == plain_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-6)
+    module.eval()  # validation: no gradients, no dropout, so every setting shares
+    with torch.no_grad():
+        assert module.layout_for(batch) is batch["shared"]
+        torch.testing.assert_close(module.answer_logits(batch)[0], module.answer_logits(plain)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_learning_rate_schedule(tiny_model_dir):
