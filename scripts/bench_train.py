@@ -1,7 +1,7 @@
 """Training-step throughput: the project's step against a naive loop, same data and model, one run.
 
-project  length-grouped batches (ShuffledBatchSampler), each prompt prefix the batch shares run once
-         (selfinterp.prefix, as the datamodule's collate lays it out), DecisionLM.answer_logits (output
+project  length-grouped batches (ShuffledBatchSampler), on the CPU each prompt prefix the batch shares
+         run once (selfinterp.prefix, as collate lays it out; --share_prefix), DecisionLM.answer_logits (output
          head at the answer positions only) + cross entropy, backward, AdamW on the LoRA parameters; on GPU the
          frozen base weights in bf16 (as DecisionLM.setup under bf16 precision) under bf16 autocast;
          with --compile MODE, the decoder compiled as ``model.compile`` does (compiled in the warm-up steps;
@@ -21,7 +21,7 @@ training prompts, batch 16).
     python scripts/bench_train.py --device cpu --steps 4 --batch_size 4
     python scripts/bench_train.py --steps 30 --batch_size 128 --profile results/profile   # where the time goes
     python scripts/bench_train.py --compile default --warmup 3   # the project's step compiled (model.compile)
-    python scripts/bench_train.py --no_share_prefix    # the project's step without prefix sharing
+    python scripts/bench_train.py --share_prefix off   # the project's step without prefix sharing
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from selfinterp.module import DecisionLM
 
 PAPER_EPOCH = 5000  # training prompts in the paper's epoch (100 scenarios x 50)
 PATHS = ("naive", "project")
+SHARE = {"auto": None, "on": True, "off": False}  # --share_prefix -> model.share_prefix
 
 
 def project_loss(module: DecisionLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -59,7 +60,7 @@ def naive_loss(module: DecisionLM, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def make_module(model: str, device: torch.device, bf16_base: bool, seed: int, compile: str | None = None,
-                share_prefix: bool = True) -> DecisionLM:
+                share_prefix: bool | None = None) -> DecisionLM:
     """DecisionLM with the default LoRA adapter (same seed, same initial adapter for both paths)."""
     torch.manual_seed(seed)
     module = DecisionLM(model=model, compile=compile, share_prefix=share_prefix)
@@ -94,7 +95,7 @@ class PathRunner:
             torch.set_num_threads(cfg["threads"])
         self.device = device = torch.device(cfg["device"])
         project = cfg["path"] == "project"
-        self.share = project and cfg["share_prefix"]
+        self.share = project and cfg["share_prefix"] is not False
         self.module = make_module(cfg["model"], device, bf16_base=project and device.type == "cuda", seed=cfg["seed"],
                                   compile=cfg["compile"] if project else None, share_prefix=cfg["share_prefix"])
         self.tokenizer = self.module.tokenizer
@@ -227,8 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
                         help="compile the project path's decoder in this torch.compile mode (model.compile); "
                              "it compiles during the warm-up steps, whose time is reported apart")
-    parser.add_argument("--no_share_prefix", action="store_true",
-                        help="the project path without prefix sharing (model.share_prefix=false)")
+    parser.add_argument("--share_prefix", choices=list(SHARE), default="auto",
+                        help="prefix sharing in the project path, as model.share_prefix: auto (the default; "
+                             "on the CPU only), on or off")
     args = parser.parse_args(argv)
     device = bc.pick_device(args.device)
     gpu = device.type == "cuda"
@@ -236,15 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     batch_size = args.batch_size or (16 if gpu else 4)
     steps = args.steps if args.steps is not None else (0 if gpu else 4)  # 0: one full epoch
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    shares = SHARE[args.share_prefix] if args.share_prefix != "auto" else not gpu
     cfg = dict(model=args.model, device=str(device), n_scenarios=n_scenarios, n_train=args.n_train,
                batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads, compile=args.compile,
-               share_prefix=not args.no_share_prefix,
+               share_prefix=SHARE[args.share_prefix],
                profile=args.profile, profile_steps=3 if args.profile else 0)
     print(f"device: {bc.describe(device)}")
     print(f"model: {args.model}; {n_scenarios * args.n_train} training prompts; batch {batch_size}; "
           f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s); "
-          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}"
-          f"{', no prefix sharing' if args.no_share_prefix else ''}")
+          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}, prefix sharing "
+          f"{'off' if args.compile or not shares else 'on'}")
     results = run_paths(cfg)
     naive, proj = results["naive"], results["project"]
     peak, peak_note = bc.peak_flops(device, args.peak_tflops)

@@ -88,9 +88,10 @@ class EncodedDataset(Dataset):
 def collate(batch: Sequence[Encoded], pad_id: int, share: bool = True) -> dict[str, Any]:
     """Right-pad a batch: input ids with ``pad_id``, labels with IGNORE, attention mask 0 on padding.
 
-    With ``share``, where rows share a prompt prefix worth it, ``"shared"`` also holds the batch as distinct prefixes
-    plus each row's own suffix (:func:`selfinterp.prefix.shared_layout`), so that the model can run each
-    prefix once. Prefixes end before a row's last prompt token, whose hidden state predicts the letter.
+    With ``share``, where rows share a prompt prefix worth it, ``"shared"`` also holds the batch as
+    distinct prefixes plus each row's own suffix (:func:`selfinterp.prefix.shared_layout`), so that
+    the model can run each prefix once. Prefixes end before a row's last prompt token, whose hidden
+    state predicts the letter.
     """
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -3,8 +3,9 @@
 Prompts that share a long token prefix (all test prompts of a scenario share the system prompt,
 the instruction and the question) are scored without recomputing that prefix: it runs once, its
 key/value cache is copied to every prompt of the batch that shares it, and only the suffixes run
-(:mod:`selfinterp.prefix`; see ``docs/PERFORMANCE.md`` for the measured gain). Where that does not apply (no long shared
-prefix, an attention or cache type it is not written for) the plain left-padded path is used.
+(:mod:`selfinterp.prefix`; ``docs/PERFORMANCE.md`` has the measured gain). Where that does not
+apply (no long shared prefix, an attention or cache type it is not written for) the plain
+left-padded path is used.
 """
 
 from __future__ import annotations

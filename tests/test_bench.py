@@ -69,15 +69,16 @@ def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_
     assert any(line.startswith("| tokens/s") for line in lines)
     assert any(line.startswith("| peak memory MiB") for line in lines)
     assert any(re.match(r"^\| timed steps +\| +2 \| +2 \|$", line) for line in lines)  # profiling is not timed
+    assert lines[1].endswith("project path eager, prefix sharing on")  # auto: on, on the CPU
     phases = [("selfinterp.train.forward", 3), ("selfinterp.train.backward", 3), ("selfinterp.train.optimizer", 3)]
     for path in ("naive", "project"):
         assert_profiled(tmp_path / "prof", f"train-{path}", phases, lines)
     naive, project = _row(lines, "token positions run (padding included)")
     assert project < 0.9 * naive  # each step's 2 rows share their first ~60 of ~170 tokens, run once
     lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
-                       "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "0", "--no_share_prefix",
+                       "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "0", "--share_prefix", "off",
                        cwd=tmp_path)
-    assert lines[1].endswith("project path eager, no prefix sharing")
+    assert lines[1].endswith("project path eager, prefix sharing off")
     padding = _row(lines, "padding (% of batch tokens)")[1]
     real = _row(lines, "real tokens")[1]
     assert _row(lines, "token positions run (padding included)")[1] == pytest.approx(real / (1 - padding / 100), rel=0.01)

@@ -358,6 +358,17 @@ def test_shared_prefix_pass_gives_the_plain_pass_loss_and_gradients(tiny_model_d
         torch.testing.assert_close(module.answer_logits(batch)[0], module.answer_logits(plain)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_share_prefix_by_default_on_the_cpu_only(tiny_model_dir, tokenizer, monkeypatch):
+    """share_prefix=None (default) shares on the CPU, not on a GPU (dispatch-bound steps); True and False force it."""
+    data = build_data(n_scenarios=1, n_train=2, n_val=0, n_test=1)
+    batch = collate(encode_all(tokenizer, data.train), tokenizer.pad_token_id)
+    modules = {setting: _module(tiny_model_dir, share_prefix=setting) for setting in (None, True, False)}
+    assert [modules[s].layout_for(batch) is not None for s in (None, True, False)] == [True, True, False]
+    for module in modules.values():  # as if on a GPU (the device Lightning reports after moving the module)
+        monkeypatch.setattr(module, "_device", torch.device("cuda", 0))
+    assert [modules[s].layout_for(batch) is not None for s in (None, True, False)] == [False, True, False]
+
+
 def test_learning_rate_schedule(tiny_model_dir):
     module = _module(tiny_model_dir, warmup=0.1, decay="linear")
     module._trainer = SimpleNamespace(estimated_stepping_batches=20)
