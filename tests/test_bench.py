@@ -96,7 +96,7 @@ def test_bench_train_compile_compiles_the_project_path_only(tiny_model_dir, tmp_
                        "--n_train", "8", "--batch_size", "2", "--steps", "1", "--warmup", "1", "--compile", "default",
                        "--profile", "prof", cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
-    assert any(line.endswith("project path compiled (default)") for line in lines)
+    assert any(line.endswith("project path compiled (default), prefix sharing off") for line in lines)
     assert any(line.startswith("| warm-up seconds (untimed; compilation included)") for line in lines)
     for path, compiled in (("naive", False), ("project", True)):
         events = json.loads((tmp_path / "prof" / f"train-{path}.json").read_text())["traceEvents"]
