@@ -24,20 +24,22 @@ class SelfInterpCLI(LightningCLI):
         # The datamodule shards training batches across ranks itself (length-grouped batches).
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
-    def before_instantiate_classes(self) -> None:
+    def after_instantiate_classes(self) -> None:
         """A ModelCheckpoint without ``dirpath`` saves into ``<save_dir>/<logger name>/checkpoints``.
 
         One fixed folder per run name (not per version), so ``fit --ckpt_path last`` finds the
         latest run's checkpoint, and runs renamed with ``--trainer.logger.init_args.name`` (a sweep)
-        keep their own checkpoints.
+        keep their own checkpoints. Set on the callback, not in the config: the run's saved
+        config.yaml keeps ``dirpath: null``, so a run started again from it under another name gets
+        its own folder too, rather than the first run's.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer") or {}
         init = getattr(trainer.get("logger"), "init_args", None)  # None for no logger, true/false or a list
         folder = Path(init.get("save_dir") or "lightning_logs") / str(init.get("name") or "default") if init else Path("lightning_logs")
-        for callback in trainer.get("callbacks") or []:
-            if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
-                callback.init_args.dirpath = str(folder / "checkpoints")
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is None:  # as ModelCheckpoint keeps a local dirpath: absolute, links resolved
+                callback.dirpath = os.path.realpath(folder / "checkpoints")
 
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> SelfInterpCLI:

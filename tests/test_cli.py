@@ -276,6 +276,15 @@ def test_a_renamed_run_keeps_its_own_checkpoint_folder(tmp_path, monkeypatch, ti
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt")) == [
         "lightning_logs/lr-sweep/checkpoints/epoch=0-step=3.ckpt", "lightning_logs/lr-sweep/checkpoints/last.ckpt"]
     assert (tmp_path / "results" / "lr-sweep" / "version_0" / "summary.json").is_file()
+    # The saved config leaves the folder to the run name: started again from it under another name, the
+    # new run keeps its own checkpoints instead of adding to the first run's folder.
+    saved = tmp_path / "lightning_logs" / "lr-sweep" / "version_0" / "config.yaml"
+    assert "dirpath: null" in saved.read_text()
+    assert main(["fit", "--config", str(saved), "--trainer.logger.init_args.name=lr-sweep-again"]) == 0
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt")) == [
+        "lightning_logs/lr-sweep-again/checkpoints/epoch=0-step=3.ckpt",
+        "lightning_logs/lr-sweep-again/checkpoints/last.ckpt",
+        "lightning_logs/lr-sweep/checkpoints/epoch=0-step=3.ckpt", "lightning_logs/lr-sweep/checkpoints/last.ckpt"]
     cli = lightning_cli(_fit(tiny_model_dir, "--trainer.logger=false")[1:], run=False)
     assert [Path(c.dirpath).relative_to(tmp_path).as_posix() for c in cli.trainer.callbacks
             if type(c).__name__ == "ModelCheckpoint"] == ["lightning_logs/checkpoints"]  # no logger: no run name
