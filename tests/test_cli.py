@@ -30,6 +30,9 @@ class ParseOnlyCLI(SelfInterpCLI):
     def instantiate_classes(self) -> None:
         pass
 
+    def after_instantiate_classes(self) -> None:
+        pass
+
     def _run_subcommand(self, subcommand: str) -> None:
         pass
 
