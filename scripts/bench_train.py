@@ -95,10 +95,11 @@ class PathRunner:
             torch.set_num_threads(cfg["threads"])
         self.device = device = torch.device(cfg["device"])
         project = cfg["path"] == "project"
-        self.share = project and cfg["share_prefix"] is not False
         self.module = make_module(cfg["model"], device, bf16_base=project and device.type == "cuda", seed=cfg["seed"],
                                   compile=cfg["compile"] if project else None, share_prefix=cfg["share_prefix"])
         self.tokenizer = self.module.tokenizer
+        # the layout collate adds for shared prefixes, where this path's training steps run it
+        self.share = project and self.module.shares_prefixes(device, training=True)
         data = build_data(n_scenarios=cfg["n_scenarios"], n_train=cfg["n_train"], n_val=0, n_test=1)
         self.encoded = encode_all(self.tokenizer, data.train)
         self.lengths = [len(e.input_ids) for e in self.encoded]
@@ -109,7 +110,7 @@ class PathRunner:
         self.optimizer = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=0.0)
         self.loss_fn = project_loss if project else naive_loss
         self.next = 0
-        self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "run": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+        self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "run": 0, "shared_steps": 0, "seconds": 0.0, "cpu_seconds": 0.0,
                       "loss_sum": 0.0, "warmup_seconds": 0.0}
 
     def step(self, timed: bool) -> float:
@@ -137,6 +138,7 @@ class PathRunner:
             st["tokens"] += sum(self.lengths[i] for i in idx)
             st["padded"] += len(idx) * max(self.lengths[i] for i in idx)
             st["run"] += bc.positions_run(self.module, batch)
+            st["shared_steps"] += self.module.layout_for(batch) is not None
             st["seconds"] += wall
             st["cpu_seconds"] += cpu
             st["loss_sum"] += float(loss.detach())
@@ -238,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     batch_size = args.batch_size or (16 if gpu else 4)
     steps = args.steps if args.steps is not None else (0 if gpu else 4)  # 0: one full epoch
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
-    shares = SHARE[args.share_prefix] if args.share_prefix != "auto" else not gpu
     cfg = dict(model=args.model, device=str(device), n_scenarios=n_scenarios, n_train=args.n_train,
                batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads, compile=args.compile,
                share_prefix=SHARE[args.share_prefix],
@@ -246,8 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {bc.describe(device)}")
     print(f"model: {args.model}; {n_scenarios * args.n_train} training prompts; batch {batch_size}; "
           f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s); "
-          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}, prefix sharing "
-          f"{'off' if args.compile or not shares else 'on'}")
+          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}, prefix sharing {args.share_prefix}")
     results = run_paths(cfg)
     naive, proj = results["naive"], results["project"]
     peak, peak_note = bc.peak_flops(device, args.peak_tflops)
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     row("real tokens", lambda r: r["tokens"])
     row("padding (% of batch tokens)", lambda r: 100.0 * (1 - r["tokens"] / r["padded"]))
     row("token positions run (padding included)", lambda r: r["run"])
+    row("steps with shared prefixes", lambda r: r["shared_steps"])
     row("warm-up seconds (untimed; compilation included)", lambda r: r["warmup_seconds"])
     row("wall seconds", lambda r: r["seconds"])
     row("CPU seconds (process)", lambda r: r["cpu_seconds"])

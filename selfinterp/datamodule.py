@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from functools import partial
+from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
 import torch
@@ -225,8 +226,11 @@ class DecisionDataModule(L.LightningDataModule):
             records = getattr(data, split)
             setattr(self, f"{split}_set", EncodedDataset(encode_all(self.tokenizer, records, self.hparams.loss_on)))
 
-    def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        return collate(batch, self.tokenizer.pad_token_id)
+    def _collate_fn(self, train: bool) -> Callable[[Sequence[Encoded]], dict[str, Any]]:
+        """``collate`` for a loader: batches get the shared-prefix layout only where the model runs it."""
+        trainer = self.trainer
+        share = trainer is None or trainer.lightning_module.shares_prefixes(trainer.strategy.root_device, train)
+        return partial(collate, pad_id=self.tokenizer.pad_token_id, share=share)
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -239,10 +243,11 @@ class DecisionDataModule(L.LightningDataModule):
         )
         if trainer is not None:
             sampler.set_epoch(trainer.current_epoch)
-        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate, num_workers=h.num_workers)
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self._collate_fn(train=True),
+                          num_workers=h.num_workers)
 
     def _eval_loader(self, dataset: EncodedDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.eval_batch_size, collate_fn=self._collate,
+        return DataLoader(dataset, batch_size=self.hparams.eval_batch_size, collate_fn=self._collate_fn(train=False),
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -139,14 +139,17 @@ class DecisionLM(L.LightningModule):
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
 
+    def shares_prefixes(self, device: torch.device, training: bool) -> bool:
+        """Whether passes on ``device`` (training steps, or passes without gradients) run shared
+        prefixes once; the datamodule lays batches out for it only then."""
+        if not self._share or (training and not self._share_in_training):
+            return False
+        return self.hparams.share_prefix is not None or device.type == "cpu"
+
     def layout_for(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """The batch's prefix-shared layout where this pass can use it, else None (a plain pass)."""
         training = self.training and torch.is_grad_enabled()
-        if not self._share or (training and not self._share_in_training):
-            return None
-        if self.hparams.share_prefix is None and self.device.type != "cpu":
-            return None
-        return batch.get("shared")
+        return batch.get("shared") if self.shares_prefixes(self.device, training) else None
 
     def answer_logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits at the labelled positions only, their targets, and which of them is a letter.

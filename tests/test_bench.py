@@ -69,7 +69,8 @@ def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_
     assert any(line.startswith("| tokens/s") for line in lines)
     assert any(line.startswith("| peak memory MiB") for line in lines)
     assert any(re.match(r"^\| timed steps +\| +2 \| +2 \|$", line) for line in lines)  # profiling is not timed
-    assert lines[1].endswith("project path eager, prefix sharing on")  # auto: on, on the CPU
+    assert lines[1].endswith("project path eager, prefix sharing auto")
+    assert _row(lines, "steps with shared prefixes") == (0, 2)  # auto: on, on the CPU
     phases = [("selfinterp.train.forward", 3), ("selfinterp.train.backward", 3), ("selfinterp.train.optimizer", 3)]
     for path in ("naive", "project"):
         assert_profiled(tmp_path / "prof", f"train-{path}", phases, lines)
@@ -79,6 +80,7 @@ def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_
                        "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "0", "--share_prefix", "off",
                        cwd=tmp_path)
     assert lines[1].endswith("project path eager, prefix sharing off")
+    assert _row(lines, "steps with shared prefixes") == (0, 0)
     padding = _row(lines, "padding (% of batch tokens)")[1]
     real = _row(lines, "real tokens")[1]
     assert _row(lines, "token positions run (padding included)")[1] == pytest.approx(real / (1 - padding / 100), rel=0.01)
@@ -96,7 +98,8 @@ def test_bench_train_compile_compiles_the_project_path_only(tiny_model_dir, tmp_
                        "--n_train", "8", "--batch_size", "2", "--steps", "1", "--warmup", "1", "--compile", "default",
                        "--profile", "prof", cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
-    assert any(line.endswith("project path compiled (default), prefix sharing off") for line in lines)
+    assert any(line.endswith("project path compiled (default), prefix sharing auto") for line in lines)
+    assert _row(lines, "steps with shared prefixes") == (0, 0)  # compiled steps run the plain pass
     assert any(line.startswith("| warm-up seconds (untimed; compilation included)") for line in lines)
     for path, compiled in (("naive", False), ("project", True)):
         events = json.loads((tmp_path / "prof" / f"train-{path}.json").read_text())["traceEvents"]

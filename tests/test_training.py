@@ -369,6 +369,19 @@ def test_share_prefix_by_default_on_the_cpu_only(tiny_model_dir, tokenizer, monk
     assert [modules[s].layout_for(batch) is not None for s in (None, True, False)] == [False, True, False]
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loaders_lay_out_shared_prefixes_only_where_the_model_runs_them(tiny_model_dir, checkpointing):
+    """The datamodule asks the model: on the CPU both loaders' batches carry the layout, except training
+    batches under gradient checkpointing; on a GPU (share_prefix left to its default) neither does."""
+    module = _module(tiny_model_dir, gradient_checkpointing=checkpointing)
+    dm = _datamodule(module)
+    for device, train, evaluation in (("cpu", not checkpointing, True), ("cuda", False, False)):
+        dm.trainer = SimpleNamespace(lightning_module=module, strategy=SimpleNamespace(root_device=torch.device(device)),
+                                     global_rank=0, world_size=1, current_epoch=0)
+        assert ["shared" in b for b in dm.train_dataloader()] == [train] * 2
+        assert ["shared" in b for b in dm.val_dataloader()] == [evaluation]
+
+
 def test_learning_rate_schedule(tiny_model_dir):
     module = _module(tiny_model_dir, warmup=0.1, decay="linear")
     module._trainer = SimpleNamespace(estimated_stepping_batches=20)
