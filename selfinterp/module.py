@@ -69,8 +69,8 @@ class DecisionLM(L.LightningModule):
             share_prefix: Run each prompt prefix that a batch's rows share (the system prompt and
                 instruction; within a scenario, also its question) once, not once per row: the same
                 loss and gradients from fewer token positions, in two decoder passes instead of one.
-                None: on the CPU only, where a step is bound by its arithmetic (about 2x faster at
-                batch 16); not on a GPU, where the steps measured so far were bound by dispatching
+                None: on the CPU only, where a step is bound by its arithmetic (steps 1.25-1.3x
+                faster in a one-scenario fit at batch 16); not on a GPU, where the steps measured so far were bound by dispatching
                 operations, which the second pass doubles. Training steps with gradient
                 checkpointing, compile or lora_dropout > 0 run the plain pass regardless.
             compile: Compile the training forward pass (the decoder) with torch.compile in this mode, once,
