@@ -110,8 +110,8 @@ class PathRunner:
         self.optimizer = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=0.0)
         self.loss_fn = project_loss if project else naive_loss
         self.next = 0
-        self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "run": 0, "shared_steps": 0, "seconds": 0.0, "cpu_seconds": 0.0,
-                      "loss_sum": 0.0, "warmup_seconds": 0.0}
+        self.stats = {"steps": 0, "examples": 0, "tokens": 0, "padded": 0, "run": 0, "shared_steps": 0, "seconds": 0.0,
+                      "cpu_seconds": 0.0, "loss_sum": 0.0, "warmup_seconds": 0.0}
 
     def step(self, timed: bool) -> float:
         """One training step; its statistics count when ``timed``. Returns its wall seconds."""

@@ -70,9 +70,10 @@ class DecisionLM(L.LightningModule):
                 instruction; within a scenario, also its question) once, not once per row: the same
                 loss and gradients from fewer token positions, in two decoder passes instead of one.
                 None: on the CPU only, where a step is bound by its arithmetic (steps 1.25-1.3x
-                faster in a one-scenario fit at batch 16); not on a GPU, where the steps measured so far were bound by dispatching
-                operations, which the second pass doubles. Training steps with gradient
-                checkpointing, compile or lora_dropout > 0 run the plain pass regardless.
+                faster in a one-scenario fit at batch 16); not on a GPU, where the steps measured so
+                far were bound by dispatching operations, which the second pass doubles. Training
+                steps with gradient checkpointing, compile or lora_dropout > 0 run the plain pass
+                regardless.
             compile: Compile the training forward pass (the decoder) with torch.compile in this mode, once,
                 for every sequence length (dynamic shapes); None runs it eagerly. Fewer, fused kernels
                 per step, at the price of a compilation of minutes before the first step. Validation
