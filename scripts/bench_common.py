@@ -73,6 +73,16 @@ def positions_run(module, batch: dict) -> int:
                else batch["input_ids"].numel())
 
 
+SDPA_CHOICES = ("auto", "no-cudnn")
+
+
+def set_sdpa(choice: str) -> None:
+    """``no-cudnn`` keeps this process's scaled-dot-product attention off cuDNN's kernels, which build an
+    execution graph for each new set of shapes; ``auto`` leaves torch's choice."""
+    if choice == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
@@ -161,6 +171,9 @@ def base_parser(doc: str, timing: bool = True) -> argparse.ArgumentParser:
     if not timing:
         return parser
     parser.add_argument("--peak_tflops", type=float, help="peak for MFU (default: the card's bf16 dense peak when known)")
+    parser.add_argument("--sdpa", choices=SDPA_CHOICES, default="auto",
+                        help="attention kernels: auto (torch's choice) or no-cudnn (any but cuDNN's, which builds a "
+                             "graph per new shape; GPU only) (default: %(default)s)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="after the timed run, profile each path briefly (torch.profiler) and write its phases, "
                              "top operations and a Chrome trace to DIR/<bench>-<path>.txt/.json")

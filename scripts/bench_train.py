@@ -22,6 +22,7 @@ training prompts, batch 16).
     python scripts/bench_train.py --steps 30 --batch_size 128 --profile results/profile   # where the time goes
     python scripts/bench_train.py --compile default --warmup 3   # the project's step compiled (model.compile)
     python scripts/bench_train.py --share_prefix off   # the project's step without prefix sharing
+    python scripts/bench_train.py --sdpa no-cudnn      # both paths' attention without cuDNN's kernels (GPU)
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class PathRunner:
         warnings.filterwarnings("ignore", category=FutureWarning)
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
+        bc.set_sdpa(cfg["sdpa"])
         self.device = device = torch.device(cfg["device"])
         project = cfg["path"] == "project"
         self.module = make_module(cfg["model"], device, bf16_base=project and device.type == "cuda", seed=cfg["seed"],
@@ -147,6 +149,7 @@ class PathRunner:
     def summary(self) -> dict:
         memory, memory_kind = bc.peak_memory(self.device)
         return {**self.stats, "loss": self.stats["loss_sum"] / max(1, self.stats["steps"]), "memory": memory,
+                "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled(),
                 "memory_kind": memory_kind, "n_params": sum(p.numel() for p in self.module.parameters()),
                 "n_trainable": sum(p.numel() for p in self.params)}
 
@@ -242,12 +245,13 @@ def main(argv: list[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     cfg = dict(model=args.model, device=str(device), n_scenarios=n_scenarios, n_train=args.n_train,
                batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads, compile=args.compile,
-               share_prefix=SHARE[args.share_prefix],
+               share_prefix=SHARE[args.share_prefix], sdpa=args.sdpa,
                profile=args.profile, profile_steps=3 if args.profile else 0)
     print(f"device: {bc.describe(device)}")
     print(f"model: {args.model}; {n_scenarios * args.n_train} training prompts; batch {batch_size}; "
           f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s); "
-          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}, prefix sharing {args.share_prefix}")
+          f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}, prefix sharing {args.share_prefix}; "
+          f"attention {args.sdpa}")
     results = run_paths(cfg)
     naive, proj = results["naive"], results["project"]
     peak, peak_note = bc.peak_flops(device, args.peak_tflops)
@@ -262,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     row("padding (% of batch tokens)", lambda r: 100.0 * (1 - r["tokens"] / r["padded"]))
     row("token positions run (padding included)", lambda r: r["run"])
     row("steps with shared prefixes", lambda r: r["shared_steps"])
+    row("cuDNN attention allowed", lambda r: "yes" if r["cudnn_sdpa"] else "no")
     row("warm-up seconds (untimed; compilation included)", lambda r: r["warmup_seconds"])
     row("wall seconds", lambda r: r["seconds"])
     row("CPU seconds (process)", lambda r: r["cpu_seconds"])

@@ -69,8 +69,9 @@ def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_
     assert any(line.startswith("| tokens/s") for line in lines)
     assert any(line.startswith("| peak memory MiB") for line in lines)
     assert any(re.match(r"^\| timed steps +\| +2 \| +2 \|$", line) for line in lines)  # profiling is not timed
-    assert lines[1].endswith("project path eager, prefix sharing auto")
+    assert lines[1].endswith("project path eager, prefix sharing auto; attention auto")
     assert _row(lines, "steps with shared prefixes") == (0, 2)  # auto: on, on the CPU
+    assert _cells(lines, "cuDNN attention allowed") == ("yes", "yes")
     phases = [("selfinterp.train.forward", 3), ("selfinterp.train.backward", 3), ("selfinterp.train.optimizer", 3)]
     for path in ("naive", "project"):
         assert_profiled(tmp_path / "prof", f"train-{path}", phases, lines)
@@ -78,18 +79,24 @@ def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_
     assert project < 0.9 * naive  # each step's 2 rows share their first ~60 of ~170 tokens, run once
     lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
                        "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "0", "--share_prefix", "off",
-                       cwd=tmp_path)
-    assert lines[1].endswith("project path eager, prefix sharing off")
+                       "--sdpa", "no-cudnn", cwd=tmp_path)
+    assert lines[1].endswith("project path eager, prefix sharing off; attention no-cudnn")
+    assert _cells(lines, "cuDNN attention allowed") == ("no", "no")  # set in each path's own process
     assert _row(lines, "steps with shared prefixes") == (0, 0)
     padding = _row(lines, "padding (% of batch tokens)")[1]
     real = _row(lines, "real tokens")[1]
     assert _row(lines, "token positions run (padding included)")[1] == pytest.approx(real / (1 - padding / 100), rel=0.01)
 
 
+def _cells(lines: list[str], name: str) -> tuple[str, str]:
+    """The naive and project cells of a benchmark table's row, as printed."""
+    cells = next(line for line in lines if line.startswith(f"| {name} ")).split("|")
+    return cells[2].strip(), cells[3].strip()
+
+
 def _row(lines: list[str], name: str) -> tuple[float, float]:
     """The naive and project values of a benchmark table's row."""
-    cells = next(line for line in lines if line.startswith(f"| {name} ")).split("|")
-    return float(cells[2].replace(",", "")), float(cells[3].replace(",", ""))
+    return tuple(float(c.replace(",", "")) for c in _cells(lines, name))
 
 
 @pytest.mark.slow  # compiles (about a minute on 2 cores)
@@ -98,7 +105,7 @@ def test_bench_train_compile_compiles_the_project_path_only(tiny_model_dir, tmp_
                        "--n_train", "8", "--batch_size", "2", "--steps", "1", "--warmup", "1", "--compile", "default",
                        "--profile", "prof", cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
-    assert any(line.endswith("project path compiled (default), prefix sharing auto") for line in lines)
+    assert any(line.endswith("project path compiled (default), prefix sharing auto; attention auto") for line in lines)
     assert _row(lines, "steps with shared prefixes") == (0, 0)  # compiled steps run the plain pass
     assert any(line.startswith("| warm-up seconds (untimed; compilation included)") for line in lines)
     for path, compiled in (("naive", False), ("project", True)):
@@ -110,12 +117,18 @@ def test_bench_train_compile_compiles_the_project_path_only(tiny_model_dir, tmp_
 def test_bench_verify_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_path):
     lines = run_script("bench_verify", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "2",
                        "--n_test", "4", "--n_prompts", "6", "--batch_size", "4", "--warmup", "2",
-                       "--max_new_tokens", "3", "--continue_tokens", "3", "--profile", "prof", cwd=tmp_path)
+                       "--max_new_tokens", "3", "--continue_tokens", "3", "--profile", "prof", "--sdpa", "no-cudnn",
+                       cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
+    assert lines[1].endswith("attention no-cudnn")
     assert float(lines[-1].split()[1]) > 0
     assert any(line.startswith("| prompts/s") for line in lines)
     # the random model never answers A or B: both paths decode greedily and agree on every prompt
     assert any("same choice (A/B/unparseable) on 100.0% of prompts" in line for line in lines)
+    # every prompt scored twice, in the same batches, with the same letters
+    assert "same letters in both passes: yes" in lines
+    first, second = _row(lines, "wall seconds")[1], _row(lines, "wall seconds, second pass (shapes seen)")[1]
+    assert first > 0 and second > 0
     # profiled: 2 batches of 4 of the 6 prompts (the 2 scenarios share their prefix), every answer continued
     phases = [("selfinterp.verify.plan", 1), ("selfinterp.verify.shared_pass", 2), ("selfinterp.verify.head", 2),
               ("selfinterp.verify.continue", 2)]
