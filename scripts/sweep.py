@@ -18,7 +18,10 @@ A small model leaves most of a GPU idle (on an H100, each run's step rate was se
 not by the card), so ``--parallel N`` trains N runs at once on the same devices; each run's output
 then goes to ``<results>/<name>/<run>.log`` instead of the terminal. ``--timeout S`` stops a run (its
 process group, SIGTERM then SIGKILL) after S seconds; its results keep the epochs verified before,
-and it counts as failed.
+and it counts as failed. To end runs on a time budget with a last verification instead, give them
+Lightning's ``--trainer.max_time`` (``--extra=--trainer.max_time=00:00:06:00``; it counts training
+time only, verification included, not loading): a run stopped inside an epoch is verified there, tagged
+with the part of an epoch trained (``epoch_1.67``). Keep ``--timeout`` above it as the hard stop.
 
     python scripts/sweep.py configs/sweeps/instill-135m.yaml
     python scripts/sweep.py configs/sweeps/instill-135m.yaml --only faithful lr-5e-5 --dry_run

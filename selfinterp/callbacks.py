@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -128,6 +129,11 @@ class VerificationCallback(Callback):
         if self._epoch_start is not None:
             self.train_seconds += time.perf_counter() - self._epoch_start
             self._epoch_start = None
+        done, total = trainer.fit_loop.epoch_loop.batch_progress.current.completed, trainer.num_training_batches
+        if done < total:  # stopped inside the epoch (trainer.max_time or max_steps): tagged with how far it got
+            fraction = round(trainer.current_epoch + done / total, 2)
+            self.verify(trainer, pl_module, f"epoch_{fraction:g}", fraction)
+            return
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if epoch % self.every_n_epochs == 0 or last or trainer.fast_dev_run:
@@ -160,7 +166,7 @@ class VerificationCallback(Callback):
             return [i for i, _ in pairs], [c for _, c in pairs]
         return mine, choices
 
-    def verify(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, step: int) -> dict[str, Any] | None:
+    def verify(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, step: float) -> dict[str, Any] | None:
         """Score, analyse, write and log; every rank scores, only rank 0 analyses and writes."""
         data: DecisionData = trainer.datamodule.load_data()
         indices, choices = self.score(trainer, pl_module, data)
@@ -177,7 +183,7 @@ class VerificationCallback(Callback):
                              "r_per_attribute": metrics.get("r_per_attribute"),
                              "train_seconds": self.train_seconds})
         self.write_summary(trainer, pl_module, run)
-        self.log_metrics(trainer, result, step)
+        self.log_metrics(trainer, result, math.ceil(step))  # a part-epoch's point goes to the epoch in progress
         log.info("verified %s: r=%s, agreement %s, parse failures %s -> %s", tag, fmt(metrics.get("r"), ".3f"),
                  fmt(metrics.get("agreement"), ".1%"), fmt(metrics.get("parse_failure"), ".1%"), run / tag)
         return metrics

@@ -272,6 +272,19 @@ def test_every_epoch_leaves_a_checkpoint_so_a_cut_off_run_can_resume(tmp_path, m
     assert (folder / "last.ckpt").resolve() == folder / "epoch=2-step=9.ckpt"
 
 
+def test_a_run_stopped_inside_an_epoch_is_verified_where_it_stopped(tmp_path, monkeypatch, tiny_model_dir):
+    """trainer.max_time (a GPU visit's budget) or max_steps can end training mid-epoch: the last
+    verification is then tagged with the part of an epoch trained, not as a whole epoch."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit(tiny_model_dir, "--trainer.max_epochs=3", "--trainer.max_steps=5")) == 0  # 3 batches per epoch
+    run = tmp_path / "results" / "tiny" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(e["tag"], e["epoch"]) for e in summary["epochs"]] == [("epoch_0", 0), ("epoch_1", 1), ("epoch_1.67", 1.67)]
+    assert (run / "epoch_1.67" / "experiment1_results.json").is_file()
+    logged = scalars(tmp_path / "lightning_logs" / "tiny" / "version_0")
+    assert [step for step, _ in logged["verify/parse_failure"]] == [0, 1, 2]
+
+
 def test_a_renamed_run_keeps_its_own_checkpoint_folder(tmp_path, monkeypatch, tiny_model_dir):
     """Sweeps rename runs with the logger name; each run's last.ckpt then lives under that name."""
     monkeypatch.chdir(tmp_path)
