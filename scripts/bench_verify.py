@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         "naive": lambda ps: naive_verify(model, tokenizer, ps, batch_size, args.max_new_tokens),
         "project": lambda ps: score_prompts(model, tokenizer, ps, batch_size, args.continue_tokens),
     }
+
     def timed_pass() -> tuple[dict[str, list], dict[str, list[float]]]:
         """Every prompt once per path, in rounds of ``chunk`` taking turns (order swapped every round), so
         that both paths see the same machine load: each path's outputs and (wall, process CPU) seconds."""
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, fn in paths.items():
                 summary = bc.profile(lambda: fn(sample), device, args.profile / f"verify-{name}.txt", batches, "batch")
                 print(f"profile {name}: {summary} -> {args.profile / f'verify-{name}.txt'}")
+
     def letters(res: dict[str, list]) -> tuple[list[str], list[str]]:
         return ([sel for part, _ in res["naive"] for _, sel in part],
                 [c.selection for part in res["project"] for c in part])

@@ -57,8 +57,10 @@ def decisions_frame(data: DecisionData, indices: list[int], choices: list[Choice
 class VerificationCallback(Callback):
     """Scores the held-out test trials greedily and recovers the weights, after every training epoch.
 
-    Also runs at the end of ``validate`` and ``test``. Writes ``<results_dir>/<run>/epoch_<k>/`` and
-    the run's ``summary.json`` and ``recovery_curve.png``; logs ``verify/*`` scalars per epoch.
+    Also runs at the end of ``validate`` and ``test``, and where training stops inside an epoch
+    (``trainer.max_time``, ``max_steps``), tagged with the epochs trained (``epoch_1.67``). Writes
+    ``<results_dir>/<run>/epoch_<k>/`` and the run's ``summary.json`` and ``recovery_curve.png``; logs
+    ``verify/*`` scalars per epoch.
     """
 
     def __init__(
@@ -85,7 +87,7 @@ class VerificationCallback(Callback):
             continue_tokens: Greedy tokens to decode when the first token is not a clean A or B.
             results_dir: Folder that holds one sub-folder per run.
             run_name: The run's folder name (default: the logger's name/version_N).
-            every_n_epochs: Verify after every N-th training epoch (the last epoch is always verified).
+            every_n_epochs: Verify after every N-th training epoch (the last epoch, whole or not, is always verified).
         """
         super().__init__()
         self.n_scenarios, self.n_trials, self.batch_size = n_scenarios, n_trials, batch_size
