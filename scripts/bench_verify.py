@@ -135,13 +135,16 @@ def main(argv: list[str] | None = None) -> None:
                 summary = bc.profile(lambda: fn(sample), device, args.profile / f"verify-{name}.txt", batches, "batch")
                 print(f"profile {name}: {summary} -> {args.profile / f'verify-{name}.txt'}")
 
-    def letters(res: dict[str, list]) -> tuple[list[str], list[str]]:
-        return ([sel for part, _ in res["naive"] for _, sel in part],
-                [c.selection for part in res["project"] for c in part])
+    def answers(res: dict[str, list]) -> tuple[list[tuple[str, str]], list]:
+        """One pass's (text, letter) per prompt from the naive path and Choice per prompt from the project's."""
+        return [answer for part, _ in res["naive"] for answer in part], [c for part in res["project"] for c in part]
 
-    naive = [answer for part, _ in results["naive"] for answer in part]
+    def letters(res: dict[str, list]) -> tuple[list[str], list[str]]:
+        naive_answers, project_choices = answers(res)
+        return [sel for _, sel in naive_answers], [c.selection for c in project_choices]
+
+    naive, choices = answers(results)
     new_tokens = sum(n for _, n in results["naive"])
-    choices = [c for part in results["project"] for c in part]
     (naive_s, naive_cpu), (proj_s, proj_cpu) = seconds["naive"], seconds["project"]
     computed = sum(project_tokens(model, ids[k:k + chunk], batch_size) for k in range(0, n_prompts, chunk))
     agree = sum(c.selection == sel for c, (_, sel) in zip(choices, naive)) / n_prompts
