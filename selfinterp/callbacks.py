@@ -207,6 +207,7 @@ class VerificationCallback(Callback):
                 "attribute_questions_per_scenario": sum(r.stage == 0 for r in data.train) / n_scenarios,
                 "curriculum": bool(trainer.datamodule.hparams.get("curriculum")),
                 "mirror_train": bool(trainer.datamodule.hparams.get("mirror_train")),  # counted in the trials
+                "layout": data.layout,
                 "max_epochs": trainer.max_epochs,
                 "lr": groups[0].get("initial_lr", groups[0].get("lr")) if groups else None,
                 "full_finetune": bool(hp.get("full_finetune")),

@@ -64,6 +64,8 @@ def report_command(results: str = "results") -> str:
             lr += f" (B x{setup['lora_b_lr_ratio']:g})"
         if setup.get("mirror_train"):
             trials += " (half mirrors)"
+        if setup.get("layout", "blocks") != "blocks":
+            trials += f" ({setup['layout']} layout)"
         questions = setup.get("attribute_questions_per_scenario")
         if questions:
             trials += f" + {questions:.0f} questions{' first' if setup.get('curriculum') else ''}"

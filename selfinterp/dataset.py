@@ -17,7 +17,7 @@ import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from selfinterp.atomic import write_text
 from selfinterp.catalog import N_ATTRIBUTES, Attribute, Scenario, apply_roles, load_catalog
@@ -29,6 +29,7 @@ from selfinterp.trials import (
     TEST_SEED,
     TRAIN_SEED,
     WEIGHTS_SEED,
+    LAYOUTS,
     AttributeQuestion,
     Trial,
     draw_attribute_questions,
@@ -78,6 +79,7 @@ class DecisionData:
     val: list[Record]
     test: list[Record]
     test_trials: list[Trial]
+    layout: str = "blocks"
 
 
 def build_data(
@@ -93,6 +95,7 @@ def build_data(
     contrast_train: int = 0,
     attribute_train: int = 0,
     mirror_train: bool = False,
+    layout: Literal["blocks", "paired"] = "blocks",
     attribute_prompt: str = ATTRIBUTE_PROMPT,
     weights_seed: int = WEIGHTS_SEED,
     train_seed: int = TRAIN_SEED,
@@ -128,6 +131,8 @@ def build_data(
             differs only in which letter the content sits behind; in one batch (as a fit serves
             them), a model that ignores the content can do no better than P(A) = 1/2 on the pair,
             so a letter bias cannot lower the loss and only the content can.
+        layout: How a prompt lists the options' values: "blocks" (the paper's: option A's five
+            lines, then option B's) or "paired" (one line per attribute with both values side by side).
         attribute_prompt: Instruction placed before an attribute question's text.
         weights_seed: Seed of the target weights.
         train_seed: Seed of the training and validation trials.
@@ -140,6 +145,8 @@ def build_data(
             raise UserError(f"{name} must be at least 1, got {value}")
     if min(n_val, extra_train, contrast_train, attribute_train) < 0:
         raise UserError("n_val, extra_train, contrast_train and attribute_train must not be negative")
+    if layout not in LAYOUTS:
+        raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     scenarios = load_catalog(catalog)
     if n_scenarios > len(scenarios):
         raise UserError(f"n_scenarios={n_scenarios} but the catalog has only {len(scenarios)} scenarios")
@@ -168,14 +175,14 @@ def build_data(
         raise RuntimeError(f"{len(clash)} test trials equal training trials; choose another test seed")
 
     def records(trials: Sequence[Trial]) -> list[Record]:
-        return [Record(system_prompt, decision_prompt + trial_text(scenarios[t.scenario], t), t.label) for t in trials]
+        return [Record(system_prompt, decision_prompt + trial_text(scenarios[t.scenario], t, layout=layout), t.label) for t in trials]
 
     def asked(scenario: Scenario, qs: Sequence[AttributeQuestion]) -> list[Record]:
-        return [Record(system_prompt, attribute_prompt + trial_text(scenario, q.trial, q.question(scenario)),
+        return [Record(system_prompt, attribute_prompt + trial_text(scenario, q.trial, q.question(scenario), layout),
                        q.trial.label, stage=0) for q in qs]
 
     train = [r for s, ts, qs in zip(scenarios, decided, questions) for r in records(ts) + asked(s, qs)]
-    return DecisionData(scenarios, weights, train, records(val_trials), records(test_trials), test_trials)
+    return DecisionData(scenarios, weights, train, records(val_trials), records(test_trials), test_trials, layout)
 
 
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
@@ -329,4 +336,8 @@ def read_data(folder: str | Path) -> DecisionData:
     if bad:
         raise UserError(f"{folder}/{TEST_CSV}: scenario {bad[0]} is not in {SCENARIOS_CSV}")
     val = read_records(folder / VAL_JSONL) if (folder / VAL_JSONL).is_file() else []
-    return DecisionData(scenarios, weights, read_records(folder / TRAIN_JSONL), val, test, test_trials)
+    # the layout the records were written in (self-report prompts must match it); blocks unless test record 0 is paired
+    first = test_trials[0] if test_trials else None
+    paired = first is not None and test[0].user.endswith(trial_text(scenarios[first.scenario], first, layout="paired"))
+    return DecisionData(scenarios, weights, read_records(folder / TRAIN_JSONL), val, test, test_trials,
+                        "paired" if paired else "blocks")

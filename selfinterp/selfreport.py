@@ -67,7 +67,7 @@ def report_prompts(
 
     The trials are drawn with ``draw_trials`` on the data's scenarios and target weights from
     ``seed`` (the same algorithm as the decision trials, a stream of its own); the user message is
-    ``report_prompt`` followed by the trial text. The system prompt defaults to the data's (that of
+    ``report_prompt`` followed by the trial text, in the data's layout. The system prompt defaults to the data's (that of
     its records).
     """
     if k < 1:
@@ -80,7 +80,7 @@ def report_prompts(
         system_prompt = records[0].system if records else ""
     trials = draw_trials(data.scenarios[:n], data.weights[:n], k, seed)
     return [
-        ReportPrompt(t, chat_messages(system_prompt, report_prompt + trial_text(data.scenarios[t.scenario], t)))
+        ReportPrompt(t, chat_messages(system_prompt, report_prompt + trial_text(data.scenarios[t.scenario], t, layout=data.layout)))
         for per_scenario in trials for t in per_scenario
     ]
 

@@ -184,10 +184,25 @@ def format_value(value: float) -> str:
     return str(value)
 
 
-def trial_text(scenario: Scenario, trial: Trial, question: str | None = None) -> str:
-    """The scenario question (or ``question``) followed by both options' attribute lines."""
+LAYOUTS = ("blocks", "paired")
+
+
+def trial_text(scenario: Scenario, trial: Trial, question: str | None = None, layout: str = "blocks") -> str:
+    """The scenario question (or ``question``) followed by both options' attribute values.
+
+    ``blocks`` (the paper's layout): option A's five lines, then option B's. ``paired``: one line
+    per attribute holding both options' values ("price: A 10.0 dollars, B 12.0 dollars"), so the
+    two numbers to compare sit side by side; the information is the same.
+    """
+    head = question or scenario.question
+    if layout == "paired":
+        return head + "\n" + "\n".join(
+            f"{a.name}: A {format_value(va)} {a.units}".rstrip() + f", B {format_value(vb)} {a.units}".rstrip()
+            for a, va, vb in zip(scenario.attributes, trial.a, trial.b))
+    if layout != "blocks":
+        raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
     def lines(values: Sequence[float]) -> str:
         return "\n".join(f"{a.name}: {format_value(v)} {a.units}" for a, v in zip(scenario.attributes, values))
 
-    return f"{question or scenario.question}\nA:\n" + lines(trial.a) + "\n\nB:\n" + lines(trial.b)
+    return f"{head}\nA:\n" + lines(trial.a) + "\n\nB:\n" + lines(trial.b)

@@ -348,10 +348,10 @@ def test_report_prints_one_row_per_run(tmp_path, capsys):
     assert rows[2] == "| m/version_0 | tiny | 135M | 200 | 3 | 5e-05 | 16 | 0.912 | 1e-40 | 90.0% | 0.973 | 0.4% | 47.0% | 2.5 | 1 x NVIDIA H100 |"
     assert rows[3] == "| old/version_0 | tiny | 135M | - | 0 | - | - | n/a | n/a | 50.0% | n/a | 0.0% | n/a | - | - |"
     setup.update(attribute_questions_per_scenario=150.0, curriculum=True, lora_b_lr_ratio=16, mirror_train=True,
-                 lora_init="orthogonal")
+                 lora_init="orthogonal", layout="paired")
     (run / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "lora_r": 16,
                                                   "setup": setup, "epochs": epochs}))
     assert main(["report", str(tmp_path / "results")]) == 0
-    assert "| 135M | 200 (half mirrors) + 150 questions first | 3 | 5e-05 (B x16) | 16 (orthogonal init) |" in capsys.readouterr().out.splitlines()[2]
+    assert "| 135M | 200 (half mirrors) (paired layout) + 150 questions first | 3 | 5e-05 (B x16) | 16 (orthogonal init) |" in capsys.readouterr().out.splitlines()[2]
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no summary.json" in _one_error_line(capsys.readouterr().err)

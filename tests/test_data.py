@@ -501,6 +501,31 @@ def test_trial_text_exact_format() -> None:
         "salt: 0.07 grams\n"
         "temperature: 12.0 °C"
     )
+    assert trial_text(s, t, layout="paired") == (
+        "Which snack would you pick?\n"
+        "calories: A 67.0 kcal, B 400.0 kcal\n"
+        "price: A 2.5 dollars, B 1.5 dollars\n"
+        "regret: A 0.25, B 0.0\n"
+        "salt: A 0.031 grams, B 0.07 grams\n"
+        "temperature: A -3.0 °C, B 12.0 °C"
+    )
+    with pytest.raises(UserError, match="unknown layout 'rows'"):
+        trial_text(s, t, layout="rows")
+
+
+def test_paired_layout_changes_only_the_trial_text(small_catalog: Path) -> None:
+    blocks = build_data(n_scenarios=2, catalog=str(small_catalog), **small(attribute_train=1))
+    paired = build_data(n_scenarios=2, catalog=str(small_catalog), layout="paired", **small(attribute_train=1))
+    assert (blocks.layout, paired.layout) == ("blocks", "paired")
+    assert paired.test_trials == blocks.test_trials and paired.weights == blocks.weights
+    assert [r.answer for r in paired.train] == [r.answer for r in blocks.train]
+    t = paired.test_trials[0]
+    assert paired.test[0].user == DECISION_PROMPT + trial_text(paired.scenarios[0], t, layout="paired")
+    everything = [(x, y) for split in ("train", "val", "test") for x, y in zip(getattr(blocks, split), getattr(paired, split))]
+    assert {x.stage for x, _ in everything} == {0, 1}  # attribute questions are laid out the same way
+    assert all("\nA:\n" in x.user and "\nA:\n" not in y.user and x.user[:60] == y.user[:60] for x, y in everything)
+    with pytest.raises(UserError, match="layout must be one of blocks, paired"):
+        build_data(n_scenarios=1, layout="rows")
 
 
 def test_record_messages(data: DecisionData) -> None:
@@ -534,6 +559,14 @@ def test_round_trip(tmp_path: Path, small_catalog: Path) -> None:
     assert [s.question for s in back.scenarios] == [s.question for s in d.scenarios]
     assert [s.attributes for s in back.scenarios] == [s.attributes for s in d.scenarios]  # names, units, ranges
     assert [s.short_name for s in back.scenarios] == ["scenario_0", "scenario_1", "scenario_2"]
+
+
+def test_round_trip_recognises_the_layout(tmp_path: Path, small_catalog: Path) -> None:
+    for layout in ("blocks", "paired"):
+        d = build_data(n_scenarios=2, catalog=str(small_catalog), layout=layout, **small())
+        write_data(d, tmp_path / layout)
+        back = read_data(tmp_path / layout)
+        assert back.layout == layout and back.test == d.test
 
 
 def test_round_trip_keeps_curriculum_stages(tmp_path: Path, small_catalog: Path) -> None:

@@ -201,6 +201,9 @@ def test_report_prompts_structure_and_seed() -> None:
     assert first.messages[1]["content"] == REPORT_PROMPT + trial_text(data.scenarios[0], first.trial)
     assert [p.trial for p in report_prompts(data, k=4, n_scenarios=2, seed=REPORT_SEED)] == [p.trial for p in prompts]
     assert prompts[0].trial != report_prompts(data, k=4, n_scenarios=2, seed=3)[0].trial
+    paired = build_data(n_scenarios=3, n_train=2, n_val=0, n_test=2, layout="paired")
+    assert report_prompts(paired, k=4)[0].messages[1]["content"] == REPORT_PROMPT + trial_text(
+        data.scenarios[0], first.trial, layout="paired")  # the layout the model was trained in
     with pytest.raises(UserError):
         report_prompts(data, k=0)
     with pytest.raises(UserError):
