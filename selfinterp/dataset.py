@@ -29,7 +29,6 @@ from selfinterp.trials import (
     TEST_SEED,
     TRAIN_SEED,
     WEIGHTS_SEED,
-    LAYOUTS,
     AttributeQuestion,
     Trial,
     draw_attribute_questions,
@@ -145,8 +144,6 @@ def build_data(
             raise UserError(f"{name} must be at least 1, got {value}")
     if min(n_val, extra_train, contrast_train, attribute_train) < 0:
         raise UserError("n_val, extra_train, contrast_train and attribute_train must not be negative")
-    if layout not in LAYOUTS:
-        raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     scenarios = load_catalog(catalog)
     if n_scenarios > len(scenarios):
         raise UserError(f"n_scenarios={n_scenarios} but the catalog has only {len(scenarios)} scenarios")

@@ -524,7 +524,7 @@ def test_paired_layout_changes_only_the_trial_text(small_catalog: Path) -> None:
     everything = [(x, y) for split in ("train", "val", "test") for x, y in zip(getattr(blocks, split), getattr(paired, split))]
     assert {x.stage for x, _ in everything} == {0, 1}  # attribute questions are laid out the same way
     assert all("\nA:\n" in x.user and "\nA:\n" not in y.user and x.user[:60] == y.user[:60] for x, y in everything)
-    with pytest.raises(UserError, match="layout must be one of blocks, paired"):
+    with pytest.raises(UserError, match="unknown layout 'rows'; choose one of blocks, paired"):
         build_data(n_scenarios=1, layout="rows")
 
 
