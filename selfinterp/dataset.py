@@ -17,7 +17,7 @@ import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 from selfinterp.atomic import write_text
 from selfinterp.catalog import N_ATTRIBUTES, Attribute, Scenario, apply_roles, load_catalog
@@ -30,6 +30,7 @@ from selfinterp.trials import (
     TRAIN_SEED,
     WEIGHTS_SEED,
     AttributeQuestion,
+    Layout,
     Trial,
     draw_attribute_questions,
     draw_contrast_trials,
@@ -78,7 +79,7 @@ class DecisionData:
     val: list[Record]
     test: list[Record]
     test_trials: list[Trial]
-    layout: str = "blocks"
+    layout: Layout = "blocks"
 
 
 def build_data(
@@ -94,7 +95,7 @@ def build_data(
     contrast_train: int = 0,
     attribute_train: int = 0,
     mirror_train: bool = False,
-    layout: Literal["blocks", "paired"] = "blocks",
+    layout: Layout = "blocks",
     attribute_prompt: str = ATTRIBUTE_PROMPT,
     weights_seed: int = WEIGHTS_SEED,
     train_seed: int = TRAIN_SEED,

@@ -11,7 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 from selfinterp.catalog import N_ATTRIBUTES, Attribute, Scenario
 from selfinterp.errors import UserError
@@ -184,10 +184,11 @@ def format_value(value: float) -> str:
     return str(value)
 
 
-LAYOUTS = ("blocks", "paired")
+Layout = Literal["blocks", "paired"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 
-def trial_text(scenario: Scenario, trial: Trial, question: str | None = None, layout: str = "blocks") -> str:
+def trial_text(scenario: Scenario, trial: Trial, question: str | None = None, layout: Layout = "blocks") -> str:
     """The scenario question (or ``question``) followed by both options' attribute values.
 
     ``blocks`` (the paper's layout): option A's five lines, then option B's. ``paired``: one line
