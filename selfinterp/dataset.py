@@ -84,6 +84,7 @@ class DecisionData:
 
 def build_data(
     n_scenarios: int = 100,
+    scenario_ids: list[int] | None = None,
     catalog: str | None = None,
     roles: str | None = None,
     system_prompt: str = SYSTEM_PROMPT,
@@ -113,6 +114,10 @@ def build_data(
 
     Args:
         n_scenarios: Use the first N scenarios of the catalog.
+        scenario_ids: Use these scenarios of the catalog (0-based indices) instead of the first
+            ``n_scenarios``, numbered 0, 1, ... in the order given. Each keeps the target weights, the
+            paper's trials and the test trials it has in the full experiment; its extra, contrast and
+            attribute trials are those it gets when the first ``max(scenario_ids) + 1`` are drawn.
         catalog: Scenario catalog JSON (default: the project's own; the paper's candidate_scenarios.json loads too).
         roles: Optional roles CSV without header; shuffled with seed 0, scenario i becomes "Imagine you are <role i>. ...".
         system_prompt: System message of every record.
@@ -146,6 +151,12 @@ def build_data(
     if min(n_val, extra_train, contrast_train, attribute_train) < 0:
         raise UserError("n_val, extra_train, contrast_train and attribute_train must not be negative")
     scenarios = load_catalog(catalog)
+    if scenario_ids is not None:
+        bad = [i for i in scenario_ids if not 0 <= i < len(scenarios)]
+        if not scenario_ids or bad or len(set(scenario_ids)) < len(scenario_ids):
+            raise UserError(f"scenario_ids={list(scenario_ids)}: give distinct indices between 0 and "
+                            f"{len(scenarios) - 1} (the catalog's scenarios)")
+        n_scenarios = max(scenario_ids) + 1
     if n_scenarios > len(scenarios):
         raise UserError(f"n_scenarios={n_scenarios} but the catalog has only {len(scenarios)} scenarios")
     scenarios = scenarios[:n_scenarios]
@@ -157,6 +168,12 @@ def build_data(
     contrast = draw_contrast_trials(scenarios, weights, contrast_train, contrast_seed)
     questions = draw_attribute_questions(scenarios, attribute_train, attribute_seed)
     test = draw_trials(scenarios, weights, n_test, test_seed)
+    if scenario_ids is not None:
+        scenarios, weights = [scenarios[i] for i in scenario_ids], [weights[i] for i in scenario_ids]
+        paper, extra, contrast, test = ([[replace(t, scenario=k) for t in per[i]] for k, i in enumerate(scenario_ids)]
+                                        for per in (paper, extra, contrast, test))
+        questions = [[replace(q, trial=replace(q.trial, scenario=k)) for q in questions[i]]
+                     for k, i in enumerate(scenario_ids)]
     decided = [ts[:n_train] + more + easy for ts, more, easy in zip(paper, extra, contrast)]  # per scenario
     if mirror_train:
         decided = [[u for t in ts for u in (t, swapped(t, target_choice(s, w, t.b, t.a)))]

@@ -370,6 +370,29 @@ def test_more_scenarios_keep_the_first_ones() -> None:
     assert more.test_trials[:k * N_TEST] == fewer.test_trials
 
 
+def test_scenario_ids_pick_scenarios_with_their_full_experiment_weights_and_trials() -> None:
+    more = {"extra_train": 2, "contrast_train": 1, "attribute_train": 1}
+    full = build_data(n_scenarios=4, **small(**more))
+    picked = build_data(scenario_ids=[3, 1], **small(**more))
+    assert picked.scenarios == [full.scenarios[3], full.scenarios[1]]
+    assert picked.weights == [full.weights[3], full.weights[1]]
+    per = N_TRAIN + 2 + 1 + 1  # training records per scenario: the paper's, extra, contrast, attribute question
+    assert picked.train == full.train[3 * per:4 * per] + full.train[per:2 * per]
+    assert picked.val == full.val[3 * N_VAL:4 * N_VAL] + full.val[N_VAL:2 * N_VAL]
+    assert picked.test == full.test[3 * N_TEST:4 * N_TEST] + full.test[N_TEST:2 * N_TEST]
+    # Renumbered 0, 1 in the order given: the values and the labels are the full experiment's.
+    assert [t.scenario for t in picked.test_trials] == [0] * N_TEST + [1] * N_TEST
+    assert [(t.a, t.b, t.label) for t in picked.test_trials] == [
+        (t.a, t.b, t.label) for t in full.test_trials[3 * N_TEST:4 * N_TEST] + full.test_trials[N_TEST:2 * N_TEST]]
+    assert all(scenario_of(picked, r) == picked.scenarios[0] for r in picked.train[:N_TRAIN])
+
+
+@pytest.mark.parametrize("ids", [[], [1, 1], [-1], [10_000]])
+def test_scenario_ids_are_checked(ids: list[int]) -> None:
+    with pytest.raises(UserError, match="distinct indices between 0 and"):
+        build_data(scenario_ids=ids)
+
+
 def test_extra_training_records_follow_the_papers(data: DecisionData) -> None:
     base = build_data(n_scenarios=5, **small())
     per = N_TRAIN + 3
