@@ -203,6 +203,7 @@ class VerificationCallback(Callback):
             "regression": self.regression,
             "setup": {
                 "n_scenarios": len(data.scenarios),
+                "scenario_ids": trainer.datamodule.hparams.get("scenario_ids"),
                 "train_trials_per_scenario": sum(r.stage == 1 for r in data.train) / n_scenarios,
                 "attribute_questions_per_scenario": sum(r.stage == 0 for r in data.train) / n_scenarios,
                 "curriculum": bool(trainer.datamodule.hparams.get("curriculum")),
@@ -214,6 +215,7 @@ class VerificationCallback(Callback):
                 "use_rslora": bool(hp.get("use_rslora")),
                 "lora_b_lr_ratio": hp.get("lora_b_lr_ratio", 1.0),
                 "lora_init": hp.get("lora_init", "default"),
+                "init_from": hp.get("init_from"),
                 "batch_size": trainer.datamodule.hparams.get("batch_size"),
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,  # examples per step: batch x this x devices
                 "compile": hp.get("compile"),

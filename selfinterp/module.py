@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -22,6 +23,26 @@ def _hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: t
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+def load_trainable(net: torch.nn.Module, path: str) -> None:
+    """Copy a checkpoint's trainable weights (as ``DecisionLM.on_save_checkpoint`` keeps them) into ``net``."""
+    if not Path(path).is_file():
+        raise UserError(f"model.init_from: {path} does not exist; give a .ckpt file a fit wrote "
+                        f"(lightning_logs/<run>/checkpoints/)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as e:  # not a checkpoint: pickle, zip or key errors alike
+        raise UserError(f"model.init_from: {path} is not a selfinterp checkpoint ({type(e).__name__}: {e})") from None
+    prefix = "net."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    if set(weights) != set(own) or any(weights[n].shape != p.shape for n, p in own.items()):
+        raise UserError(f"model.init_from: {path} holds other trainable weights than this model: train it and this "
+                        f"run with the same model, full_finetune, lora_r and target_modules")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(weights[n])
+
+
 class DecisionLM(L.LightningModule):
     """Fine-tunes a chat LM (LoRA adapter or all weights) to answer decision prompts with A or B."""
 
@@ -36,6 +57,7 @@ class DecisionLM(L.LightningModule):
         lora_b_lr_ratio: float = 1.0,
         lora_init: Literal["default", "gaussian", "orthogonal"] = "default",
         full_finetune: bool = False,
+        init_from: str | None = None,
         optimizer: OptimizerCallable | None = None,
         warmup: float = 0.05,
         decay: Literal["linear", "cosine", "constant"] = "linear",
@@ -60,6 +82,10 @@ class DecisionLM(L.LightningModule):
                 non-zero with B @ A = 0, so the model starts unchanged and both get gradients from the
                 first step (needs an even lora_r). Each keeps the base weights as they are.
             full_finetune: Train every weight instead of a LoRA adapter.
+            init_from: Start the trainable weights from a checkpoint (.ckpt) that a run with the same
+                model and adapter settings wrote: a stage of a curriculum, e.g. continuing on other
+                scenarios. Unlike ``--ckpt_path``, which resumes a run, the optimizer, the step count,
+                the schedule and the data start fresh.
             optimizer: Optimizer over the trainable parameters only (default AdamW, lr 2e-4, no weight decay).
             warmup: Linear warm-up: a fraction of all steps when below 1, else a number of steps.
             decay: Learning-rate shape after warm-up.
@@ -108,6 +134,8 @@ class DecisionLM(L.LightningModule):
                 net = get_peft_model(net, config)
             except ValueError as e:
                 raise UserError(f"model.target_modules={target_modules!r} does not fit {model}: {e}") from None
+        if init_from:
+            load_trainable(net, init_from)
         # Training steps only: validation runs without gradients, which would need a second compilation.
         self._train_hidden = torch.compile(_hidden, mode=compile, dynamic=True) if compile else _hidden
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without this,

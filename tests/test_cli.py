@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -248,6 +249,27 @@ def test_resume_from_last_checkpoint_continues_the_run(tmp_path, monkeypatch, ti
     from selfinterp.callbacks import checkpoint_run_dir
 
     assert checkpoint_run_dir(ckpt) == Path("results") / "tiny" / "version_1"
+
+
+def test_init_from_starts_a_new_run_on_other_scenarios_from_a_trained_adapter(tmp_path, monkeypatch, chooser_model_dir):
+    """A curriculum stage: scenarios 0-1 trained first, then a new run on scenario 1 alone starting from
+    that adapter. Before its own first step, the new run decides scenario 1's test trials exactly as the
+    first run did after training; its optimizer and step count start at zero."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit(chooser_model_dir, "--trainer.logger.init_args.name=stage1")) == 0
+    ckpt = tmp_path / "lightning_logs" / "stage1" / "checkpoints" / "last.ckpt"
+    assert main(_fit(chooser_model_dir, "--trainer.logger.init_args.name=stage2", f"--model.init_from={ckpt}",
+                     "--data.scenario_ids=[1]")) == 0
+    first = pd.read_csv(tmp_path / "results" / "stage1" / "version_0" / "epoch_1" / "inference_decisions.csv")
+    second = pd.read_csv(tmp_path / "results" / "stage2" / "version_0" / "epoch_0" / "inference_decisions.csv")
+    trained = first[first["scenario"] == 1].drop(columns="scenario").reset_index(drop=True)
+    pd.testing.assert_frame_equal(second.drop(columns="scenario"), trained)
+    assert set(second["scenario"]) == {0}
+    stage2 = torch.load(tmp_path / "lightning_logs" / "stage2" / "checkpoints" / "last.ckpt", map_location="cpu",
+                        weights_only=False)
+    assert stage2["global_step"] == 2  # its own 6 trials in batches of 4, counted from zero
+    setup = json.loads((tmp_path / "results" / "stage2" / "version_0" / "summary.json").read_text())["setup"]
+    assert (setup["scenario_ids"], setup["init_from"], setup["n_scenarios"]) == ([1], str(ckpt), 1)
 
 
 def test_every_epoch_leaves_a_checkpoint_so_a_cut_off_run_can_resume(tmp_path, monkeypatch, tiny_model_dir):

@@ -277,6 +277,24 @@ def test_training_changes_lora_weights_and_no_base_weight(tiny_model_dir, tmp_pa
         assert torch.allclose(fresh.answer_logits(batch)[0], module.answer_logits(batch)[0], atol=1e-6)
         assert not torch.allclose(_module(tiny_model_dir).answer_logits(batch)[0], module.answer_logits(batch)[0],
                                   atol=1e-6)
+        # model.init_from starts a new run from those weights.
+        warm = _module(tiny_model_dir, init_from=str(path))
+        assert torch.allclose(warm.answer_logits(batch)[0], module.answer_logits(batch)[0], atol=1e-6)
+
+
+def test_init_from_names_what_is_wrong(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        _module(tiny_model_dir, init_from=str(tmp_path / "missing.ckpt"))
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(UserError, match="is not a selfinterp checkpoint"):
+        _module(tiny_model_dir, init_from=str(junk))
+    other = tmp_path / "rank2.ckpt"  # what on_save_checkpoint keeps, from an adapter of another rank
+    torch.save({"state_dict": DecisionLM(model=str(tiny_model_dir), lora_r=2).trainable_state_dict()}, other)
+    with pytest.raises(UserError, match="other trainable weights"):
+        _module(tiny_model_dir, init_from=str(other))
+    with pytest.raises(UserError, match="other trainable weights"):
+        _module(tiny_model_dir, full_finetune=True, init_from=str(other))
 
 
 @pytest.mark.parametrize("loss_on", ["answer", "letter"])
