@@ -38,9 +38,9 @@ def report_command(results: str = "results") -> str:
     if not summaries:
         raise UserError(f"no summary.json under {root}; train with `python -m selfinterp fit --config ...` first")
     lines = [
-        "| Run | Model | Size | Train trials / scenario | Epochs | lr | LoRA r | Correlation (r) | p-value | Agreement "
+        "| Run | Model | Size | Scenarios | Train trials / scenario | Epochs | lr | LoRA r | Correlation (r) | p-value | Agreement "
         "| AUC | Parse failures | Share of A | Training min | Machine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in summaries:
         try:
@@ -57,6 +57,11 @@ def report_command(results: str = "results") -> str:
         rank = "full" if setup.get("full_finetune") else str(summary.get("lora_r", "-"))
         if setup.get("lora_init", "default") != "default":
             rank += f" ({setup['lora_init']} init)"
+        if setup.get("init_from"):
+            rank += " (from a checkpoint)"
+        scenarios = str(setup.get("n_scenarios", "-"))
+        if setup.get("scenario_ids"):
+            scenarios += f" (catalog {', '.join(map(str, setup['scenario_ids']))})"
         seconds = last.get("train_seconds")
         trials = fmt(setup.get("train_trials_per_scenario"), ".0f", "-")
         lr = fmt(setup.get("lr"), ".2g", "-")
@@ -70,7 +75,7 @@ def report_command(results: str = "results") -> str:
         if questions:
             trials += f" + {questions:.0f} questions{' first' if setup.get('curriculum') else ''}"
         lines.append(
-            f"| {path.parent.relative_to(root)} | {summary.get('model')} | {size} | "
+            f"| {path.parent.relative_to(root)} | {summary.get('model')} | {size} | {scenarios} | "
             f"{trials} | {max(trained) if trained else last['tag']} | "
             f"{lr} | {rank} | {fmt(last.get('r'), '.3f', 'n/a')} | "
             f"{fmt(last.get('p_value'), '.2g', 'n/a')} | {fmt(last.get('agreement'), '.1%', 'n/a')} | "

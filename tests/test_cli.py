@@ -359,7 +359,7 @@ def test_report_prints_one_row_per_run(tmp_path, capsys):
     epochs = [{"tag": "epoch_0", "epoch": 0, "r": None, "p_value": None, "agreement": 0.5, "parse_failure": 0.0},
               {"tag": "epoch_3", "epoch": 3, "r": 0.912, "p_value": 1e-40, "agreement": 0.9, "parse_failure": 0.004}]
     epochs[1].update(frac_A=0.47, auc=0.9734, train_seconds=150.0)
-    setup = {"train_trials_per_scenario": 200.0, "lr": 5e-5, "full_finetune": False, "machine": "1 x NVIDIA H100"}
+    setup = {"n_scenarios": 100, "train_trials_per_scenario": 200.0, "lr": 5e-5, "full_finetune": False, "machine": "1 x NVIDIA H100"}
     (run / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "lora_r": 16,
                                                   "setup": setup, "epochs": epochs}))
     old = tmp_path / "results" / "old" / "version_0"  # written before summaries had a setup
@@ -367,13 +367,14 @@ def test_report_prints_one_row_per_run(tmp_path, capsys):
     (old / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "epochs": epochs[:1]}))
     assert main(["report", str(tmp_path / "results")]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[2] == "| m/version_0 | tiny | 135M | 200 | 3 | 5e-05 | 16 | 0.912 | 1e-40 | 90.0% | 0.973 | 0.4% | 47.0% | 2.5 | 1 x NVIDIA H100 |"
-    assert rows[3] == "| old/version_0 | tiny | 135M | - | 0 | - | - | n/a | n/a | 50.0% | n/a | 0.0% | n/a | - | - |"
+    assert rows[2] == "| m/version_0 | tiny | 135M | 100 | 200 | 3 | 5e-05 | 16 | 0.912 | 1e-40 | 90.0% | 0.973 | 0.4% | 47.0% | 2.5 | 1 x NVIDIA H100 |"
+    assert rows[3] == "| old/version_0 | tiny | 135M | - | - | 0 | - | - | n/a | n/a | 50.0% | n/a | 0.0% | n/a | - | - |"
     setup.update(attribute_questions_per_scenario=150.0, curriculum=True, lora_b_lr_ratio=16, mirror_train=True,
-                 lora_init="orthogonal", layout="paired")
+                 lora_init="orthogonal", layout="paired", n_scenarios=2, scenario_ids=[3, 0], init_from="a.ckpt")
     (run / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "lora_r": 16,
                                                   "setup": setup, "epochs": epochs}))
     assert main(["report", str(tmp_path / "results")]) == 0
-    assert "| 135M | 200 (half mirrors) (paired layout) + 150 questions first | 3 | 5e-05 (B x16) | 16 (orthogonal init) |" in capsys.readouterr().out.splitlines()[2]
+    assert ("| 135M | 2 (catalog 3, 0) | 200 (half mirrors) (paired layout) + 150 questions first | 3 | 5e-05 (B x16) "
+            "| 16 (orthogonal init) (from a checkpoint) |") in capsys.readouterr().out.splitlines()[2]
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no summary.json" in _one_error_line(capsys.readouterr().err)
