@@ -59,8 +59,8 @@ def test_sweep_trains_each_run_under_its_name_and_prints_the_table(tmp_path, tin
     assert sorted(line.split(":")[0] for line in lines if re.fullmatch(r"=== lr-[ab]: exit 0 after \d+ s", line)) == ["=== lr-a", "=== lr-b"]
     rows = [line for line in lines if line.startswith("| lr-")]
     assert [row.split(" | ")[0] for row in rows] == ["| lr-a/version_0", "| lr-b/version_0"]
-    assert [row.split(" | ")[5] for row in rows] == ["0.001", "0.01"]  # each run's own learning rate
-    assert [row.split(" | ")[3] for row in rows] == ["4", "4"]  # the extra options reach every run
+    assert [row.split(" | ")[6] for row in rows] == ["0.001", "0.01"]  # each run's own learning rate
+    assert [row.split(" | ")[4] for row in rows] == ["4", "4"]  # the extra options reach every run
     for run in ("lr-a", "lr-b"):
         assert (tmp_path / "lightning_logs" / "s" / run / "checkpoints" / "last.ckpt").is_file()
         assert re.search(rf"verified epoch_1: r=.*-> results/s/{run}/version_0/epoch_1\n", (tmp_path / "results" / "s" / f"{run}.log").read_text())
