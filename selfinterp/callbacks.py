@@ -211,6 +211,7 @@ class VerificationCallback(Callback):
                 "layout": data.layout,
                 "max_epochs": trainer.max_epochs,
                 "lr": groups[0].get("initial_lr", groups[0].get("lr")) if groups else None,
+                "optimizer": type(trainer.optimizers[0]).__name__ if trainer.optimizers else None,
                 "full_finetune": bool(hp.get("full_finetune")),
                 "use_rslora": bool(hp.get("use_rslora")),
                 "lora_b_lr_ratio": hp.get("lora_b_lr_ratio", 1.0),

@@ -67,6 +67,8 @@ def report_command(results: str = "results") -> str:
         lr = fmt(setup.get("lr"), ".2g", "-")
         if setup.get("lora_b_lr_ratio", 1) != 1:
             lr += f" (B x{setup['lora_b_lr_ratio']:g})"
+        if setup.get("optimizer", "AdamW") != "AdamW":
+            lr += f" ({setup['optimizer']})"
         if setup.get("mirror_train"):
             trials += " (half mirrors)"
         if setup.get("layout", "blocks") != "blocks":

@@ -370,11 +370,12 @@ def test_report_prints_one_row_per_run(tmp_path, capsys):
     assert rows[2] == "| m/version_0 | tiny | 135M | 100 | 200 | 3 | 5e-05 | 16 | 0.912 | 1e-40 | 90.0% | 0.973 | 0.4% | 47.0% | 2.5 | 1 x NVIDIA H100 |"
     assert rows[3] == "| old/version_0 | tiny | 135M | - | - | 0 | - | - | n/a | n/a | 50.0% | n/a | 0.0% | n/a | - | - |"
     setup.update(attribute_questions_per_scenario=150.0, curriculum=True, lora_b_lr_ratio=16, mirror_train=True,
-                 lora_init="orthogonal", layout="paired", n_scenarios=2, scenario_ids=[3, 0], init_from="a.ckpt")
+                 lora_init="orthogonal", layout="paired", n_scenarios=2, scenario_ids=[3, 0], init_from="a.ckpt",
+                 optimizer="Muon")
     (run / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "lora_r": 16,
                                                   "setup": setup, "epochs": epochs}))
     assert main(["report", str(tmp_path / "results")]) == 0
-    assert ("| 135M | 2 (catalog 3, 0) | 200 (half mirrors) (paired layout) + 150 questions first | 3 | 5e-05 (B x16) "
+    assert ("| 135M | 2 (catalog 3, 0) | 200 (half mirrors) (paired layout) + 150 questions first | 3 | 5e-05 (B x16) (Muon) "
             "| 16 (orthogonal init) (from a checkpoint) |") in capsys.readouterr().out.splitlines()[2]
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no summary.json" in _one_error_line(capsys.readouterr().err)
