@@ -9,12 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from lightning.pytorch.cli import LightningCLI
 
 from selfinterp.datamodule import DecisionDataModule
-from selfinterp.errors import UserError
-from selfinterp.module import DecisionLM
+from selfinterp.module import DecisionLM, load_trainable
 
 
 class SelfInterpCLI(LightningCLI):
@@ -58,12 +56,7 @@ def load_trained(args: Sequence[str], ckpt_path: str | None) -> SelfInterpCLI:
     """Instantiate model, data and trainer from a config and load the trained weights of a checkpoint."""
     cli = lightning_cli(args, run=False)
     if ckpt_path:
-        if not Path(ckpt_path).is_file():
-            raise UserError(f"checkpoint {ckpt_path} does not exist")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-        unexpected = cli.model.load_state_dict(state, strict=False).unexpected_keys
-        if unexpected:
-            raise UserError(f"{ckpt_path} does not fit this config's model (unexpected keys such as {unexpected[0]})")
+        load_trainable(cli.model.net, ckpt_path, "--ckpt_path")
     return cli
 
 

@@ -23,20 +23,21 @@ def _hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: t
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-def load_trainable(net: torch.nn.Module, path: str) -> None:
-    """Copy a checkpoint's trainable weights (as ``DecisionLM.on_save_checkpoint`` keeps them) into ``net``."""
+def load_trainable(net: torch.nn.Module, path: str, option: str) -> None:
+    """Copy a checkpoint's trainable weights (as ``DecisionLM.on_save_checkpoint`` keeps them) into
+    ``net``; ``option`` names where the path came from in the error messages."""
     if not Path(path).is_file():
-        raise UserError(f"model.init_from: {path} does not exist; give a .ckpt file a fit wrote "
+        raise UserError(f"{option}: {path} does not exist; give a .ckpt file a fit wrote "
                         f"(lightning_logs/<run>/checkpoints/)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     except Exception as e:  # not a checkpoint: pickle, zip or key errors alike
-        raise UserError(f"model.init_from: {path} is not a selfinterp checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{option}: {path} is not a selfinterp checkpoint ({type(e).__name__}: {e})") from None
     prefix = "net."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = {n: p for n, p in net.named_parameters() if p.requires_grad}
     if set(weights) != set(own) or any(weights[n].shape != p.shape for n, p in own.items()):
-        raise UserError(f"model.init_from: {path} holds other trainable weights than this model: train it and this "
+        raise UserError(f"{option}: {path} holds other trainable weights than this model: train it and this "
                         f"run with the same model, full_finetune, lora_r and target_modules")
     with torch.no_grad():
         for n, p in own.items():
@@ -135,7 +136,7 @@ class DecisionLM(L.LightningModule):
             except ValueError as e:
                 raise UserError(f"model.target_modules={target_modules!r} does not fit {model}: {e}") from None
         if init_from:
-            load_trainable(net, init_from)
+            load_trainable(net, init_from, "model.init_from")
         # Training steps only: validation runs without gradients, which would need a second compilation.
         self._train_hidden = torch.compile(_hidden, mode=compile, dynamic=True) if compile else _hidden
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without this,
