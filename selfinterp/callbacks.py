@@ -216,6 +216,7 @@ class VerificationCallback(Callback):
                 "use_rslora": bool(hp.get("use_rslora")),
                 "lora_b_lr_ratio": hp.get("lora_b_lr_ratio", 1.0),
                 "lora_init": hp.get("lora_init", "default"),
+                "lora_standardise": bool(hp.get("lora_standardise")),
                 "init_from": hp.get("init_from"),
                 "batch_size": trainer.datamodule.hparams.get("batch_size"),
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,  # examples per step: batch x this x devices

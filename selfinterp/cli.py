@@ -12,6 +12,7 @@ from typing import Sequence
 from lightning.pytorch.cli import LightningCLI
 
 from selfinterp.datamodule import DecisionDataModule
+from selfinterp.errors import UserError
 from selfinterp.module import DecisionLM, load_trainable
 
 
@@ -70,6 +71,9 @@ def export_main(argv: Sequence[str]) -> Path:
     parser.add_argument("--merge", action="store_true", help="also write the base model with the adapter merged in")
     opts, rest = parser.parse_known_args(list(argv))
     module = load_trained(rest, opts.ckpt_path).model
+    if module.hparams.get("lora_standardise"):
+        raise UserError("export: an adapter trained with model.lora_standardise reads standardised inputs, which "
+                        "PEFT's format cannot hold; verify it with `python -m selfinterp verify` instead")
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

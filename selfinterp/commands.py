@@ -57,6 +57,8 @@ def report_command(results: str = "results") -> str:
         rank = "full" if setup.get("full_finetune") else str(summary.get("lora_r", "-"))
         if setup.get("lora_init", "default") != "default":
             rank += f" ({setup['lora_init']} init)"
+        if setup.get("lora_standardise"):
+            rank += " (standardised inputs)"
         if setup.get("init_from"):
             rank += " (from a checkpoint)"
         scenarios = str(setup.get("n_scenarios", "-"))

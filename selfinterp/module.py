@@ -15,6 +15,7 @@ from selfinterp.datamodule import IGNORE
 from selfinterp.errors import UserError
 from selfinterp.models import EMBEDDED, load_model, load_tokenizer
 from selfinterp.prefix import can_share, shared_hidden
+from selfinterp.standardise import attach, calibrate, is_statistic
 
 
 def _hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -23,9 +24,17 @@ def _hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: t
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+def saved_tensors(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of ``net``: its trainable weights and any standardisation statistics
+    (the frozen base comes from the model itself)."""
+    own = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    own.update({n: b for n, b in net.named_buffers() if is_statistic(n)})
+    return own
+
+
 def load_trainable(net: torch.nn.Module, path: str, option: str) -> None:
-    """Copy a checkpoint's trainable weights (as ``DecisionLM.on_save_checkpoint`` keeps them) into
-    ``net``; ``option`` names where the path came from in the error messages."""
+    """Copy a checkpoint's trainable weights and statistics (as ``DecisionLM.on_save_checkpoint``
+    keeps them) into ``net``; ``option`` names where the path came from in the error messages."""
     if not Path(path).is_file():
         raise UserError(f"{option}: {path} does not exist; give a .ckpt file a fit wrote "
                         f"(lightning_logs/<run>/checkpoints/)")
@@ -35,10 +44,10 @@ def load_trainable(net: torch.nn.Module, path: str, option: str) -> None:
         raise UserError(f"{option}: {path} is not a selfinterp checkpoint ({type(e).__name__}: {e})") from None
     prefix = "net."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    own = saved_tensors(net)
     if set(weights) != set(own) or any(weights[n].shape != p.shape for n, p in own.items()):
         raise UserError(f"{option}: {path} holds other trainable weights than this model: train it and this "
-                        f"run with the same model, full_finetune, lora_r and target_modules")
+                        f"run with the same model, full_finetune, lora_r, target_modules and lora_standardise")
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(weights[n])
@@ -57,6 +66,7 @@ class DecisionLM(L.LightningModule):
         use_rslora: bool = False,
         lora_b_lr_ratio: float = 1.0,
         lora_init: Literal["default", "gaussian", "orthogonal"] = "default",
+        lora_standardise: bool = False,
         full_finetune: bool = False,
         init_from: str | None = None,
         optimizer: OptimizerCallable | None = None,
@@ -82,6 +92,11 @@ class DecisionLM(L.LightningModule):
                 gradient until B has moved; "gaussian": A Gaussian, B zero; "orthogonal": A and B both
                 non-zero with B @ A = 0, so the model starts unchanged and both get gradients from the
                 first step (needs an even lora_r). Each keeps the base weights as they are.
+            lora_standardise: Feed each LoRA A matrix its input centred and scaled per feature, with
+                statistics of the starting model on the first training batch (see
+                :mod:`selfinterp.standardise`): the directions that vary little get as large a share
+                of the adapter's input as the common component. The starting model is unchanged;
+                such adapters cannot be exported to PEFT's format.
             full_finetune: Train every weight instead of a LoRA adapter.
             init_from: Start the trainable weights from a checkpoint (.ckpt) that a run with the same
                 model and adapter settings wrote: a stage of a curriculum, e.g. continuing on other
@@ -113,6 +128,8 @@ class DecisionLM(L.LightningModule):
             raise UserError("model.lora_b_lr_ratio applies to LoRA adapters; drop it or model.full_finetune")
         if full_finetune and lora_init != "default":
             raise UserError("model.lora_init applies to LoRA adapters; drop it or model.full_finetune")
+        if full_finetune and lora_standardise:
+            raise UserError("model.lora_standardise applies to LoRA adapters; drop it or model.full_finetune")
         if lora_init == "orthogonal" and lora_r % 2:
             raise UserError(f"model.lora_init=orthogonal splits the rank in halves: make model.lora_r even, got {lora_r}")
         self.save_hyperparameters(ignore=["optimizer"])
@@ -135,6 +152,13 @@ class DecisionLM(L.LightningModule):
                 net = get_peft_model(net, config)
             except ValueError as e:
                 raise UserError(f"model.target_modules={target_modules!r} does not fit {model}: {e}") from None
+            if lora_standardise:
+                if getattr(net.get_base_model().get_output_embeddings(), "lora_A", None):
+                    raise UserError("model.lora_standardise calibrates in the decoder's pass, which does not reach "
+                                    "the output head: leave the head out of model.target_modules")
+                attach(net)
+        # Standardisation statistics are measured on the first training batch, unless a checkpoint brings them.
+        self._calibrate = lora_standardise and not init_from
         if init_from:
             load_trainable(net, init_from, "model.init_from")
         # Training steps only: validation runs without gradients, which would need a second compilation.
@@ -217,6 +241,17 @@ class DecisionLM(L.LightningModule):
         self.log(f"{prefix}/letter_acc", letter_acc, on_step=on_step, on_epoch=True, sync_dist=not on_step, batch_size=n)
         return loss
 
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self._calibrate:
+            self._calibrate = False
+            reduce = self.trainer.strategy.reduce
+            with self.trainer.precision_plugin.forward_context():
+                calibrate(self.net, lambda: _hidden(self.causal_lm.get_decoder(), batch["input_ids"], batch["attention_mask"]),
+                          batch["attention_mask"], lambda t: reduce(t, reduce_op="sum"))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._calibrate = False  # a resumed run keeps the statistics it was trained with
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
@@ -256,7 +291,7 @@ class DecisionLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = {f"net.{n}" for n in saved_tensors(self.net)}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -272,6 +272,25 @@ def test_init_from_starts_a_new_run_on_other_scenarios_from_a_trained_adapter(tm
     assert (setup["scenario_ids"], setup["init_from"], setup["n_scenarios"]) == ([1], str(ckpt), 1)
 
 
+def test_a_standardised_adapter_verifies_from_its_checkpoint_and_is_not_exported(tmp_path, monkeypatch, capsys,
+                                                                               chooser_model_dir):
+    """The checkpoint brings the standardisation statistics: `verify` decides exactly as the fit's last
+    verification did. PEFT's format cannot hold them, so export refuses and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(TINY_CONFIG), f"--model.model={chooser_model_dir}", "--model.lora_standardise=true"]
+    assert main(["fit", *config, "--trainer.logger.init_args.name=std"]) == 0
+    ckpt = tmp_path / "lightning_logs" / "std" / "checkpoints" / "last.ckpt"
+    assert main(["verify", *config, "--trainer.logger.init_args.name=std-check", "--ckpt_path", str(ckpt)]) == 0
+    fitted = pd.read_csv(tmp_path / "results" / "std" / "version_0" / "epoch_1" / "inference_decisions.csv")
+    checked = pd.read_csv(tmp_path / "results" / "std-check" / "version_0" / "test" / "inference_decisions.csv")
+    pd.testing.assert_frame_equal(checked, fitted)
+    assert json.loads((tmp_path / "results" / "std" / "version_0" / "summary.json").read_text())["setup"]["lora_standardise"]
+    capsys.readouterr()
+    assert main(["export", *config, "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    assert "lora_standardise" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_epoch_leaves_a_checkpoint_so_a_cut_off_run_can_resume(tmp_path, monkeypatch, tiny_model_dir):
     """A run stopped between epochs (a GPU lease ending, a sweep's --timeout) must find its last finished
     epoch on disk: last.ckpt (a link to the latest epoch's file) exists before training ends."""
@@ -371,11 +390,11 @@ def test_report_prints_one_row_per_run(tmp_path, capsys):
     assert rows[3] == "| old/version_0 | tiny | 135M | - | - | 0 | - | - | n/a | n/a | 50.0% | n/a | 0.0% | n/a | - | - |"
     setup.update(attribute_questions_per_scenario=150.0, curriculum=True, lora_b_lr_ratio=16, mirror_train=True,
                  lora_init="orthogonal", layout="paired", n_scenarios=2, scenario_ids=[3, 0], init_from="a.ckpt",
-                 optimizer="Muon")
+                 optimizer="Muon", lora_standardise=True)
     (run / "summary.json").write_text(json.dumps({"model": "tiny", "n_params": 135_000_000, "lora_r": 16,
                                                   "setup": setup, "epochs": epochs}))
     assert main(["report", str(tmp_path / "results")]) == 0
     assert ("| 135M | 2 (catalog 3, 0) | 200 (half mirrors) (paired layout) + 150 questions first | 3 | 5e-05 (B x16) (Muon) "
-            "| 16 (orthogonal init) (from a checkpoint) |") in capsys.readouterr().out.splitlines()[2]
+            "| 16 (orthogonal init) (standardised inputs) (from a checkpoint) |") in capsys.readouterr().out.splitlines()[2]
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no summary.json" in _one_error_line(capsys.readouterr().err)
