@@ -92,11 +92,12 @@ class DecisionLM(L.LightningModule):
                 gradient until B has moved; "gaussian": A Gaussian, B zero; "orthogonal": A and B both
                 non-zero with B @ A = 0, so the model starts unchanged and both get gradients from the
                 first step (needs an even lora_r). Each keeps the base weights as they are.
-            lora_standardise: Feed each LoRA A matrix its input centred and scaled per feature, with
-                statistics of the starting model on the first training batch (see
-                :mod:`selfinterp.standardise`): the directions that vary little get as large a share
-                of the adapter's input as the common component. The starting model is unchanged;
-                such adapters cannot be exported to PEFT's format.
+            lora_standardise: Feed each LoRA A matrix its input centred, and scaled per feature to
+                one common spread (the input's root mean square), with statistics of the starting
+                model on the first training batch (see :mod:`selfinterp.standardise`): features that
+                vary little get as large a share of the adapter's input as the dominant ones, at the
+                same overall size. The starting model is unchanged; such adapters cannot be exported
+                to PEFT's format.
             full_finetune: Train every weight instead of a LoRA adapter.
             init_from: Start the trainable weights from a checkpoint (.ckpt) that a run with the same
                 model and adapter settings wrote: a stage of a curriculum, e.g. continuing on other

@@ -3,10 +3,11 @@
 Why: RESULTS section 5 found the attributes in directions of the hidden state that vary little
 beside a large common component, and an AdamW-trained read-out found them only once its inputs were
 standardised. A LoRA adapter's A matrix reads the raw input, so its output (and B's gradient) is
-dominated by the common part. Here every A reads ``(x - mean) / std``, with the mean and standard
-deviation of its input per feature over the tokens of one batch of training prompts, measured on the
-starting model. B starts at zero, so the starting model is unchanged; what changes is what the
-adapter's updates act on.
+dominated by the common part. Here every A reads ``(x - mean) / std * rms``: per feature, the mean
+and standard deviation of its input over the tokens of one batch of training prompts, measured on the
+starting model; ``rms``, that input's root mean square over all features, keeps the input's overall
+size, so that only its balance across features changes, not the adapter's effective step size. B
+starts at zero, so the starting model is unchanged; what changes is what the adapter's updates act on.
 
 The statistics are buffers of each A module (``input_shift``, ``input_scale``), saved in checkpoints
 with the trainable weights. The standardisation has no PEFT form, so such adapters are not exported.
@@ -80,5 +81,6 @@ def calibrate(
         var = (sq / n - mean * mean).clamp_min(0)
         # A floor for features that barely vary (constant ones would otherwise be scaled without bound).
         std = var.sqrt().clamp_min(1e-3 * float(var.mean().sqrt()) + 1e-12)
+        size = (sq / n).mean().sqrt()  # the raw input's root mean square, over features and tokens
         getattr(a, SHIFT).copy_(mean)
-        getattr(a, SCALE).copy_(1.0 / std)
+        getattr(a, SCALE).copy_(size / std)
