@@ -61,6 +61,31 @@ def test_calibration_standardises_every_adapter_input_and_keeps_the_starting_mod
         assert torch.equal(module.answer_logits(batch)[0], before)
 
 
+def test_calibration_over_two_ranks_gives_the_statistics_of_both_ranks_batches(tiny_model_dir):
+    """Under DDP each rank sees its own first batch; ``total`` sums over ranks, so both get the statistics
+    of all the tokens. Simulated: rank 1 holds rows 2-3, rank 0 rows 0-1 and adds rank 1's sums."""
+    module = _module(tiny_model_dir, lora_standardise=True)
+    dm = _data()
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    batch = collate(dm.train_set.items[:4], module.tokenizer.pad_token_id)
+    decoder = module.causal_lm.get_decoder()
+
+    def run(rows: slice, total=lambda t: t) -> dict[str, torch.Tensor]:
+        ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+        calibrate(module.net, lambda: _hidden(decoder, ids, mask), mask, total)
+        return {n: torch.cat([getattr(a, SHIFT), getattr(a, SCALE)]).clone() for n, a in _adapters(module).items()}
+
+    sent: list[torch.Tensor] = []
+    run(slice(2, 4), lambda t: sent.append(t.clone()) or t)
+    received = iter(sent)
+    ranks = run(slice(0, 2), lambda t: t + next(received))
+    whole = run(slice(0, 4))
+    assert all(torch.allclose(ranks[n], whole[n], rtol=1e-5) for n in whole)
+    assert not torch.allclose(run(slice(0, 2))["base_model.model.model.layers.0.mlp.up_proj.lora_A.default"],
+                              whole["base_model.model.model.layers.0.mlp.up_proj.lora_A.default"], rtol=1e-3)
+
+
 def test_fit_calibrates_once_and_checkpoints_carry_the_statistics(tiny_model_dir, tmp_path):
     module = _module(tiny_model_dir, lora_standardise=True)
     first = {}
