@@ -34,16 +34,12 @@ def _standardise(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tup
     return (((x - getattr(module, SHIFT)) * getattr(module, SCALE)).to(x.dtype), *args[1:])
 
 
-def attach(net: torch.nn.Module) -> int:
-    """Give every LoRA A of ``net`` identity statistics (shift 0, scale 1) and the hook that applies
-    them; returns how many A matrices there are."""
-    count = 0
+def attach(net: torch.nn.Module) -> None:
+    """Give every LoRA A of ``net`` identity statistics (shift 0, scale 1) and the hook that applies them."""
     for a in _adapter_inputs(net):
         a.register_buffer(SHIFT, torch.zeros(a.in_features))
         a.register_buffer(SCALE, torch.ones(a.in_features))
         a.register_forward_pre_hook(_standardise)
-        count += 1
-    return count
 
 
 def is_statistic(name: str) -> bool:
