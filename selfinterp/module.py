@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -242,13 +243,20 @@ class DecisionLM(L.LightningModule):
         self.log(f"{prefix}/letter_acc", letter_acc, on_step=on_step, on_epoch=True, sync_dist=not on_step, batch_size=n)
         return loss
 
+    def calibrate_inputs(
+        self, batch: dict[str, Any], total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    ) -> None:
+        """Set the standardisation statistics (``model.lora_standardise``) from one plain decoder pass
+        over ``batch``; ``total`` sums over processes (see :func:`selfinterp.standardise.calibrate`)."""
+        calibrate(self.net, lambda: _hidden(self.causal_lm.get_decoder(), batch["input_ids"], batch["attention_mask"]),
+                  batch["attention_mask"], total)
+
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self._calibrate:
             self._calibrate = False
             reduce = self.trainer.strategy.reduce
             with self.trainer.precision_plugin.forward_context():
-                calibrate(self.net, lambda: _hidden(self.causal_lm.get_decoder(), batch["input_ids"], batch["attention_mask"]),
-                          batch["attention_mask"], lambda t: reduce(t, reduce_op="sum"))
+                self.calibrate_inputs(batch, lambda t: reduce(t, reduce_op="sum"))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._calibrate = False  # a resumed run keeps the statistics it was trained with

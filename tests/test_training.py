@@ -23,7 +23,7 @@ from selfinterp.datamodule import (
 from selfinterp.dataset import Record, build_data
 from selfinterp.errors import UserError
 from selfinterp.module import DecisionLM, _hidden
-from selfinterp.standardise import SCALE, SHIFT, calibrate
+from selfinterp.standardise import SCALE, SHIFT, is_statistic
 
 RECORD_B = Record("You choose.", "Which is better?\nA: 1\nB: 2", "B")
 RECORD_A = Record("You choose.", "Which is better, the first or the second? A or B", "A")
@@ -576,8 +576,7 @@ def test_calibration_standardises_every_adapter_input_and_keeps_the_starting_mod
     assert len(raw) == 2 * 7  # q, k, v, o, gate, up, down in each layer
     with torch.no_grad():
         before = module.answer_logits(batch)[0]
-    calibrate(module.net, lambda: _hidden(module.causal_lm.get_decoder(), batch["input_ids"], batch["attention_mask"]),
-              batch["attention_mask"])
+    module.calibrate_inputs(batch)
     for name, x in _inputs(module, batch).items():
         size = raw[name].pow(2).mean().sqrt()  # every feature varies as much as the raw input's root mean square
         assert torch.allclose(x.mean(0), torch.zeros(x.shape[1]), atol=1e-4 * size), name
@@ -594,11 +593,9 @@ def test_calibration_over_two_ranks_gives_the_statistics_of_both_ranks_batches(t
     of all the tokens. Simulated: rank 1 holds rows 2-3, rank 0 rows 0-1 and adds rank 1's sums."""
     module = _module(tiny_model_dir, lora_standardise=True)
     batch = collate(_datamodule(module).train_set.items[:4], module.tokenizer.pad_token_id)
-    decoder = module.causal_lm.get_decoder()
 
     def run(rows: slice, total=lambda t: t) -> dict[str, torch.Tensor]:
-        ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
-        calibrate(module.net, lambda: _hidden(decoder, ids, mask), mask, total)
+        module.calibrate_inputs({k: batch[k][rows] for k in ("input_ids", "attention_mask")}, total)
         return {n: torch.cat([getattr(a, SHIFT), getattr(a, SCALE)]).clone() for n, a in _adapters(module).items()}
 
     sent: list[torch.Tensor] = []
@@ -630,7 +627,7 @@ def test_fit_calibrates_once_and_checkpoints_carry_the_statistics(tiny_model_dir
     path = tmp_path / "standardised.ckpt"
     trainer.save_checkpoint(path)
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    stats = {k for k in state if k.endswith((SHIFT, SCALE))}
+    stats = {k for k in state if is_statistic(k)}
     assert len(stats) == 2 * 2 * 7
     warm = _module(tiny_model_dir, lora_standardise=True, init_from=str(path))
     assert not warm._calibrate  # a run started from the checkpoint keeps its statistics
