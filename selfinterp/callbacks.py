@@ -204,6 +204,7 @@ class VerificationCallback(Callback):
             "setup": {
                 "n_scenarios": len(data.scenarios),
                 "scenario_ids": trainer.datamodule.hparams.get("scenario_ids"),
+                "weights": trainer.datamodule.hparams.get("weights"),  # given target weights; None: seed 1's draw
                 "train_trials_per_scenario": sum(r.stage == 1 for r in data.train) / n_scenarios,
                 "attribute_questions_per_scenario": sum(r.stage == 0 for r in data.train) / n_scenarios,
                 "curriculum": bool(trainer.datamodule.hparams.get("curriculum")),

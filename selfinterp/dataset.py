@@ -98,6 +98,7 @@ def build_data(
     mirror_train: bool = False,
     layout: Layout = "blocks",
     attribute_prompt: str = ATTRIBUTE_PROMPT,
+    weights: list[list[int]] | None = None,
     weights_seed: int = WEIGHTS_SEED,
     train_seed: int = TRAIN_SEED,
     test_seed: int = TEST_SEED,
@@ -139,7 +140,10 @@ def build_data(
         layout: How a prompt lists the options' values: "blocks" (the paper's: option A's five
             lines, then option B's) or "paired" (one line per attribute with both values side by side).
         attribute_prompt: Instruction placed before an attribute question's text.
-        weights_seed: Seed of the target weights.
+        weights: Target weights to instil instead of the seeded draw: one row of five integers in
+            [-100, 100] per scenario used, in the order of ``scenario_ids`` (or the first
+            ``n_scenarios``). Every trial keeps its values; only the labels follow these weights.
+        weights_seed: Seed of the target weights (when ``weights`` is not given).
         train_seed: Seed of the training and validation trials.
         test_seed: Seed of the held-out test trials.
         contrast_seed: Seed of the one-attribute contrast trials.
@@ -162,7 +166,8 @@ def build_data(
     scenarios = scenarios[:n_scenarios]
     if roles:
         scenarios = apply_roles(scenarios, load_roles(roles))
-    weights = draw_weights(len(scenarios), weights_seed)
+    used = scenario_ids if scenario_ids is not None else list(range(n_scenarios))
+    weights = _with_given_weights(draw_weights(len(scenarios), weights_seed), weights, used)
     paper = draw_trials(scenarios, weights, n_train + n_val, train_seed)
     extra = draw_trials(scenarios, weights, extra_train, None) if extra_train else [[] for _ in scenarios]
     contrast = draw_contrast_trials(scenarios, weights, contrast_train, contrast_seed)
@@ -198,6 +203,25 @@ def build_data(
 
     train = [r for s, ts, qs in zip(scenarios, decided, questions) for r in records(ts) + asked(s, qs)]
     return DecisionData(scenarios, weights, train, records(val_trials), records(test_trials), test_trials, layout)
+
+
+def _with_given_weights(drawn: list[list[int]], given: Any, used: Sequence[int]) -> list[list[int]]:
+    """``drawn`` with row ``used[k]`` replaced by ``given[k]``; ``given`` is checked first (None: ``drawn``)."""
+    if given is None:
+        return drawn
+    fix = (f"give one row of {N_ATTRIBUTES} integers between -100 and 100, not all 0, for each of the {len(used)} "
+           f"scenario(s) used, in the order of data.scenario_ids (or the first data.n_scenarios)")
+    if not isinstance(given, (list, tuple)) or len(given) != len(used):
+        raise UserError(f"data.weights: {fix}; got {given!r}")
+    for k, row in enumerate(given):
+        ok = (isinstance(row, (list, tuple)) and len(row) == N_ATTRIBUTES
+              and all(isinstance(w, int) and not isinstance(w, bool) and -100 <= w <= 100 for w in row) and any(row))
+        if not ok:
+            raise UserError(f"data.weights: row {k} is {row!r}; {fix}")
+    weights = [list(w) for w in drawn]
+    for i, row in zip(used, given):
+        weights[i] = list(row)
+    return weights
 
 
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:

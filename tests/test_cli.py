@@ -272,6 +272,20 @@ def test_init_from_starts_a_new_run_on_other_scenarios_from_a_trained_adapter(tm
     assert (setup["scenario_ids"], setup["init_from"], setup["n_scenarios"]) == ([1], str(ckpt), 1)
 
 
+def test_a_fit_instils_given_weights(tmp_path, monkeypatch, chooser_model_dir):
+    """--data.weights sets the rule a fit trains and verifies against: the held-out targets follow the
+    given weights, and the summary records them."""
+    monkeypatch.chdir(tmp_path)
+    given = [[100, 0, 0, 0, 0], [0, 0, 0, 0, -100]]
+    assert main(_fit(chooser_model_dir, "--trainer.max_steps=1", f"--data.weights={json.dumps(given)}")) == 0
+    run = tmp_path / "results" / "tiny" / "version_0"
+    decisions = pd.read_csv(run / "epoch_0" / "inference_decisions.csv")
+    first, fifth = decisions["A_attribute_1"] - decisions["B_attribute_1"], decisions["A_attribute_5"] - decisions["B_attribute_5"]
+    wins_a = (first > 0).where(decisions["scenario"] == 0, fifth < 0)
+    assert list(decisions["target"]) == ["A" if a else "B" for a in wins_a]
+    assert json.loads((run / "summary.json").read_text())["setup"]["weights"] == given
+
+
 def test_a_standardised_adapter_verifies_from_its_checkpoint_and_is_not_exported(tmp_path, monkeypatch, capsys,
                                                                                chooser_model_dir):
     """The checkpoint brings the standardisation statistics: `verify` decides exactly as the fit's last

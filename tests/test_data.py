@@ -387,6 +387,33 @@ def test_scenario_ids_pick_scenarios_with_their_full_experiment_weights_and_tria
     assert all(scenario_of(picked, r) == picked.scenarios[0] for r in picked.train[:N_TRAIN])
 
 
+def test_given_weights_relabel_the_same_trials() -> None:
+    """data.weights replaces the drawn weights of the scenarios used (in scenario_ids order) and only
+    the labels change: scenario 3 given scenario 0's weights decides its own trials by them."""
+    more = {"extra_train": 2, "contrast_train": 1}
+    drawn = build_data(scenario_ids=[0, 3], **small(**more))
+    rule = drawn.weights[0]
+    given = build_data(scenario_ids=[0, 3], weights=[rule, rule], **small(**more))
+    assert given.weights == [rule, rule] and drawn.weights[1] != rule
+    assert given.scenarios == drawn.scenarios
+    assert [(t.scenario, t.a, t.b) for t in given.test_trials] == [(t.scenario, t.a, t.b) for t in drawn.test_trials]
+    tv = given.scenarios[1]
+    expected = [target_choice(tv, rule, t.a, t.b) for t in given.test_trials[N_TEST:]]
+    assert [t.label for t in given.test_trials[N_TEST:]] == expected
+    assert expected != [t.label for t in drawn.test_trials[N_TEST:]]  # the relabelling did something
+    assert given.test_trials[:N_TEST] == drawn.test_trials[:N_TEST]  # scenario 0 kept its own weights
+    assert given.train[:len(given.train) // 2] == drawn.train[:len(drawn.train) // 2]
+    assert [r.answer for r in given.test[N_TEST:]] == expected
+
+
+@pytest.mark.parametrize("weights", [[[1, 2, 3, 4, 5]], [[1, 2, 3, 4]] * 2, [[0, 0, 0, 0, 0], [1, 2, 3, 4, 5]],
+                                     [[101, 0, 0, 0, 0]] * 2, [[1.5, 0, 0, 0, 0]] * 2, "1,2,3,4,5"])
+def test_given_weights_are_checked(weights: Any) -> None:
+    with pytest.raises(UserError, match=r"data.weights: .*one row of 5 integers between -100 and 100, not all 0, "
+                                        r"for each of the 2 scenario\(s\) used"):
+        build_data(n_scenarios=2, weights=weights, **small())
+
+
 @pytest.mark.parametrize("ids", [[], [1, 1], [-1], [10_000]])
 def test_scenario_ids_are_checked(ids: list[int]) -> None:
     with pytest.raises(UserError, match="distinct indices between 0 and"):

@@ -250,7 +250,7 @@ def test_fit_writes_every_result_file_and_tensorboard_scalars(tmp_path, monkeypa
         "lora_b_lr_ratio": 1.0, "lora_init": "default", "batch_size": 4, "accumulate_grad_batches": 1, "compile": None, "devices": 1,
         "precision": "32-true"}
     assert setup["attribute_questions_per_scenario"] == 0 and setup["curriculum"] is setup["mirror_train"] is False
-    assert setup["layout"] == "blocks" and setup["scenario_ids"] is None and setup["init_from"] is None
+    assert setup["layout"] == "blocks" and setup["scenario_ids"] is setup["weights"] is None and setup["init_from"] is None
     assert setup["optimizer"] == "AdamW" and setup["lora_standardise"] is False
     assert setup["machine"].startswith("CPU")
     base, trained = summary["epochs"]
