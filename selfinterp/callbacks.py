@@ -205,6 +205,8 @@ class VerificationCallback(Callback):
                 "n_scenarios": len(data.scenarios),
                 "scenario_ids": trainer.datamodule.hparams.get("scenario_ids"),
                 "weights": trainer.datamodule.hparams.get("weights"),  # given target weights; None: seed 1's draw
+                "seed": _global_seed(),  # seed_everything: the adapter's random start
+                "data_seed": trainer.datamodule.hparams.get("seed"),  # the order of the training batches
                 "train_trials_per_scenario": sum(r.stage == 1 for r in data.train) / n_scenarios,
                 "attribute_questions_per_scenario": sum(r.stage == 0 for r in data.train) / n_scenarios,
                 "curriculum": bool(trainer.datamodule.hparams.get("curriculum")),
@@ -254,6 +256,12 @@ def machine(trainer: L.Trainer) -> str:
     if device.type == "cuda":
         return f"{trainer.world_size} x {torch.cuda.get_device_name(device)}"
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _global_seed() -> int | None:
+    """The seed Lightning's ``seed_everything`` set for this process (``--seed_everything``), if any."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else None
 
 
 def checkpoint_run_dir(ckpt_path: str | Path) -> Path | None:

@@ -274,16 +274,18 @@ def test_init_from_starts_a_new_run_on_other_scenarios_from_a_trained_adapter(tm
 
 def test_a_fit_instils_given_weights(tmp_path, monkeypatch, chooser_model_dir):
     """--data.weights sets the rule a fit trains and verifies against: the held-out targets follow the
-    given weights, and the summary records them."""
+    given weights, and the summary records them with the two seeds that tell runs of one setup apart."""
     monkeypatch.chdir(tmp_path)
     given = [[100, 0, 0, 0, 0], [0, 0, 0, 0, -100]]
-    assert main(_fit(chooser_model_dir, "--trainer.max_steps=1", f"--data.weights={json.dumps(given)}")) == 0
+    assert main(_fit(chooser_model_dir, "--trainer.max_steps=1", f"--data.weights={json.dumps(given)}",
+                     "--seed_everything=3", "--data.seed=5")) == 0
     run = tmp_path / "results" / "tiny" / "version_0"
     decisions = pd.read_csv(run / "epoch_0" / "inference_decisions.csv")
     first, fifth = decisions["A_attribute_1"] - decisions["B_attribute_1"], decisions["A_attribute_5"] - decisions["B_attribute_5"]
     wins_a = (first > 0).where(decisions["scenario"] == 0, fifth < 0)
     assert list(decisions["target"]) == ["A" if a else "B" for a in wins_a]
-    assert json.loads((run / "summary.json").read_text())["setup"]["weights"] == given
+    setup = json.loads((run / "summary.json").read_text())["setup"]
+    assert (setup["weights"], setup["seed"], setup["data_seed"]) == (given, 3, 5)
 
 
 def test_a_standardised_adapter_verifies_from_its_checkpoint_and_is_not_exported(tmp_path, monkeypatch, capsys,

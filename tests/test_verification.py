@@ -251,7 +251,7 @@ def test_fit_writes_every_result_file_and_tensorboard_scalars(tmp_path, monkeypa
         "precision": "32-true"}
     assert setup["attribute_questions_per_scenario"] == 0 and setup["curriculum"] is setup["mirror_train"] is False
     assert setup["layout"] == "blocks" and setup["scenario_ids"] is setup["weights"] is None and setup["init_from"] is None
-    assert setup["optimizer"] == "AdamW" and setup["lora_standardise"] is False
+    assert setup["optimizer"] == "AdamW" and setup["lora_standardise"] is False and setup["data_seed"] == 0
     assert setup["machine"].startswith("CPU")
     base, trained = summary["epochs"]
     assert base["train_seconds"] == 0 and trained["train_seconds"] > 0
