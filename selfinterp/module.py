@@ -40,7 +40,8 @@ def load_trainable(net: torch.nn.Module, path: str, option: str) -> None:
         raise UserError(f"{option}: {path} does not exist; give a .ckpt file a fit wrote "
                         f"(lightning_logs/<run>/checkpoints/)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        # mmap: only the tensors copied below are read, not the optimizer state beside them
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     except Exception as e:  # not a checkpoint: pickle, zip or key errors alike
         raise UserError(f"{option}: {path} is not a selfinterp checkpoint ({type(e).__name__}: {e})") from None
     prefix = "net."
