@@ -51,12 +51,16 @@ def _config_files() -> list[Path]:
 
 def _parse_args(path: Path) -> list[str]:
     """Standalone configs parse alone; files in sub-folders compose with the quickstart: an overlay
-    (top-level keys such as ``trainer:``) as a second ``--config``, a section (the keys of one
+    (top-level keys such as ``trainer:``) as a second ``--config``, a list of callbacks as
+    ``--trainer.callbacks file``, a section (the keys of one
     argument group, e.g. ``configs/data/*.yaml``) as ``--<folder> file``."""
     if path.parent == CONFIGS:
         return ["--config", str(path)]
-    keys = set(yaml.safe_load(path.read_text()) or {})
+    content = yaml.safe_load(path.read_text()) or {}
     quickstart = ["--config", str(CONFIGS / "quickstart.yaml")]
+    if isinstance(content, list):  # a list of callbacks (configs/trainer/callbacks.yaml)
+        return quickstart + ["--trainer.callbacks", str(path)]
+    keys = set(content)
     if keys <= TOP_LEVEL:
         return quickstart + ["--config", str(path)]
     return quickstart + [f"--{path.parent.name}", str(path)]
@@ -73,7 +77,7 @@ def test_every_config_parses(path):
     callbacks = [c.class_path for c in config.trainer.callbacks or []]
     assert "selfinterp.callbacks.VerificationCallback" in callbacks
     assert config.data.n_scenarios >= 1 and config.model.model
-    if path.parent.name == "trainer":  # the overlay's values win over the quickstart's
+    if path.parent.name == "trainer" and path.name != "callbacks.yaml":  # the overlay's values win over the quickstart's
         overlay = yaml.safe_load(path.read_text())["trainer"]
         assert {k: config.trainer[k] for k in overlay} == overlay
 
@@ -91,6 +95,20 @@ def test_every_run_of_every_sweep_file_parses(path, monkeypatch):
     for run, options in runs.items():
         config = parse("--config", base, *options, f"--trainer.logger.init_args.name={name}/{run}")
         assert config.trainer.logger.init_args.name == f"{name}/{run}"
+
+
+def test_model_configs_share_the_callbacks_file():
+    """The paper-protocol configs read their callbacks from one file, relative to the config, from any
+    working directory; the file's values arrive as written."""
+    shared = yaml.safe_load((CONFIGS / "trainer" / "callbacks.yaml").read_text())
+    models = [p for p in CONFIGS.glob("*.yaml") if p.name != "quickstart.yaml"]
+    assert len(models) == 6
+    for path in models:
+        assert yaml.safe_load(path.read_text())["trainer"]["callbacks"] == "trainer/callbacks.yaml", path.name
+        callbacks = parse("--config", str(path)).trainer.callbacks
+        assert [c.class_path for c in callbacks] == [c["class_path"] for c in shared]
+        for parsed, written in zip(callbacks, shared):
+            assert {k: parsed.init_args[k] for k in written["init_args"]} == written["init_args"]
 
 
 def test_quickstart_values_are_what_it_says():
