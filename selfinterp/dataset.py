@@ -30,6 +30,7 @@ from selfinterp.trials import (
     TRAIN_SEED,
     WEIGHTS_SEED,
     AttributeQuestion,
+    LAYOUTS,
     Layout,
     Trial,
     draw_attribute_questions,
@@ -138,7 +139,9 @@ def build_data(
             them), a model that ignores the content can do no better than P(A) = 1/2 on the pair,
             so a letter bias cannot lower the loss and only the content can.
         layout: How a prompt lists the options' values: "blocks" (the paper's: option A's five
-            lines, then option B's) or "paired" (one line per attribute with both values side by side).
+            lines, then option B's), "paired" (one line per attribute with both values side by side)
+            or "scores" (the blocks, each value as a whole number 0-100 of its attribute's range,
+            without units: fewer digits to read, the same rule).
         attribute_prompt: Instruction placed before an attribute question's text.
         weights: Target weights to instil instead of the seeded draw: one row of five integers in
             [-100, 100] per scenario used, in the order of ``scenario_ids`` (or the first
@@ -375,8 +378,8 @@ def read_data(folder: str | Path) -> DecisionData:
     if bad:
         raise UserError(f"{folder}/{TEST_CSV}: scenario {bad[0]} is not in {SCENARIOS_CSV}")
     val = read_records(folder / VAL_JSONL) if (folder / VAL_JSONL).is_file() else []
-    # the layout the records were written in (self-report prompts must match it); blocks unless test record 0 is paired
+    # the layout the records were written in (self-report prompts must match it): the one test record 0 ends with, else blocks
     first = test_trials[0] if test_trials else None
-    paired = first is not None and test[0].user.endswith(trial_text(scenarios[first.scenario], first, layout="paired"))
-    return DecisionData(scenarios, weights, read_records(folder / TRAIN_JSONL), val, test, test_trials,
-                        "paired" if paired else "blocks")
+    layout = next((name for name in LAYOUTS if first is not None
+                   and test[0].user.endswith(trial_text(scenarios[first.scenario], first, layout=name))), "blocks")
+    return DecisionData(scenarios, weights, read_records(folder / TRAIN_JSONL), val, test, test_trials, layout)

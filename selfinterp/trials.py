@@ -184,8 +184,13 @@ def format_value(value: float) -> str:
     return str(value)
 
 
-Layout = Literal["blocks", "paired"]
+Layout = Literal["blocks", "paired", "scores"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
+
+
+def score(attr: Attribute, value: float) -> int:
+    """A value as a whole number from 0 to 100: its place in the attribute's range, in percent."""
+    return round(100 * (value - attr.lo) / (attr.hi - attr.lo))
 
 
 def trial_text(scenario: Scenario, trial: Trial, question: str | None = None, layout: Layout = "blocks") -> str:
@@ -193,17 +198,21 @@ def trial_text(scenario: Scenario, trial: Trial, question: str | None = None, la
 
     ``blocks`` (the paper's layout): option A's five lines, then option B's. ``paired``: one line
     per attribute holding both options' values ("price: A 10.0 dollars, B 12.0 dollars"), so the
-    two numbers to compare sit side by side; the information is the same.
+    two numbers to compare sit side by side; the information is the same. ``scores``: the blocks,
+    each value written as its :func:`score` without units ("price: 37"), so that every number has
+    at most three digits; the rule is the same weighted sum of the scores, up to their rounding.
     """
     head = question or scenario.question
     if layout == "paired":
         return head + "\n" + "\n".join(
             f"{a.name}: A {format_value(va)} {a.units}".rstrip() + f", B {format_value(vb)} {a.units}".rstrip()
             for a, va, vb in zip(scenario.attributes, trial.a, trial.b))
-    if layout != "blocks":
+    if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
     def lines(values: Sequence[float]) -> str:
+        if layout == "scores":
+            return "\n".join(f"{a.name}: {score(a, v)}" for a, v in zip(scenario.attributes, values))
         return "\n".join(f"{a.name}: {format_value(v)} {a.units}" for a, v in zip(scenario.attributes, values))
 
     return f"{head}\nA:\n" + lines(trial.a) + "\n\nB:\n" + lines(trial.b)

@@ -559,6 +559,22 @@ def test_trial_text_exact_format() -> None:
         "salt: A 0.031 grams, B 0.07 grams\n"
         "temperature: A -3.0 °C, B 12.0 °C"
     )
+    assert trial_text(s, t, layout="scores") == (  # percent of each range, rounded; the rule is unchanged
+        "Which snack would you pick?\n"
+        "A:\n"
+        "calories: 5\n"
+        "price: 33\n"
+        "regret: 50\n"
+        "salt: 22\n"
+        "temperature: 28\n"
+        "\n"
+        "B:\n"
+        "calories: 100\n"
+        "price: 0\n"
+        "regret: 0\n"
+        "salt: 100\n"
+        "temperature: 53"
+    )
     with pytest.raises(UserError, match="unknown layout 'rows'"):
         trial_text(s, t, layout="rows")
 
@@ -574,7 +590,7 @@ def test_paired_layout_changes_only_the_trial_text(small_catalog: Path) -> None:
     everything = [(x, y) for split in ("train", "val", "test") for x, y in zip(getattr(blocks, split), getattr(paired, split))]
     assert {x.stage for x, _ in everything} == {0, 1}  # attribute questions are laid out the same way
     assert all("\nA:\n" in x.user and "\nA:\n" not in y.user and x.user[:60] == y.user[:60] for x, y in everything)
-    with pytest.raises(UserError, match="unknown layout 'rows'; choose one of blocks, paired"):
+    with pytest.raises(UserError, match="unknown layout 'rows'; choose one of blocks, paired, scores"):
         build_data(n_scenarios=1, layout="rows")
 
 
@@ -612,7 +628,7 @@ def test_round_trip(tmp_path: Path, small_catalog: Path) -> None:
 
 
 def test_round_trip_recognises_the_layout(tmp_path: Path, small_catalog: Path) -> None:
-    for layout in ("blocks", "paired"):
+    for layout in ("blocks", "paired", "scores"):
         d = build_data(n_scenarios=2, catalog=str(small_catalog), layout=layout, **small())
         write_data(d, tmp_path / layout)
         back = read_data(tmp_path / layout)
