@@ -108,7 +108,8 @@ class DecisionLM(L.LightningModule):
             optimizer: Optimizer over the trainable parameters only (default AdamW, lr 2e-4, no weight decay).
             warmup: Linear warm-up: a fraction of all steps when below 1, else a number of steps.
             decay: Learning-rate shape after warm-up.
-            base_dtype: Dtype of the frozen base weights; "auto" is bfloat16 under bf16 precision on GPU, else float32.
+            base_dtype: Dtype of the frozen base weights; "auto" is bfloat16 under bf16 precision (GPU, or
+                a CPU with native bf16 such as Intel AMX), else float32.
             gradient_checkpointing: Recompute each layer's activations in the backward pass instead of
                 keeping them: far less memory (the CPU quickstart stays under 4 GiB) for about 25% more time.
             share_prefix: Run each prompt prefix that a batch's rows share (the system prompt and
@@ -184,9 +185,9 @@ class DecisionLM(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dtype = self.hparams.base_dtype
-        if dtype == "auto":
-            on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-            dtype = "bfloat16" if on_gpu and str(self.trainer.precision).startswith("bf16") else "float32"
+        if dtype == "auto":  # bf16 autocast runs the matrix products in bf16 either way; stored bf16 spares the casts
+            bf16 = self.trainer is not None and str(self.trainer.precision).startswith("bf16")
+            dtype = "bfloat16" if bf16 else "float32"
         if dtype == "bfloat16":
             self.cast_frozen(torch.bfloat16)
 

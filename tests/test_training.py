@@ -464,6 +464,17 @@ def test_bf16_base_dtype_casts_the_frozen_weights_only(tiny_model_dir):
     assert frozen == {torch.bfloat16} and trainable == {torch.float32}
 
 
+@pytest.mark.parametrize("precision, frozen", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_auto_base_dtype_follows_the_precision_on_cpu_too(tiny_model_dir, precision, frozen):
+    """base_dtype=auto stores the frozen weights in bf16 under bf16 precision on any device (a CPU with
+    AMX runs bf16 matrix products several times faster than float32), and in float32 otherwise."""
+    module = _module(tiny_model_dir)
+    dm = _datamodule(module)
+    _trainer(precision=precision, max_steps=1).fit(module, dm)
+    assert {p.dtype for p in module.parameters() if not p.requires_grad} == {frozen}
+    assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
+
+
 def test_lora_b_lr_ratio_is_checked():
     with pytest.raises(UserError, match="must be positive"):
         DecisionLM(lora_b_lr_ratio=0)
