@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     for checkpointing in (False, True):
         torch.manual_seed(0)
         module = DecisionLM(model=args.model, gradient_checkpointing=checkpointing)
-        if not args.fp32:  # what DecisionLM.setup does under bf16 precision on a GPU
+        if not args.fp32:  # what DecisionLM.setup does under bf16 precision
             module.cast_frozen(torch.bfloat16)
         module.to(device).train()
         items = encode_all(module.tokenizer, data.train[:args.batch_size])

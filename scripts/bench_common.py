@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -83,8 +84,28 @@ def set_sdpa(choice: str) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+BF16_CHOICES = ("auto", "on", "off")
+
+
+def native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ``device`` runs bf16 matrix products natively: a GPU, or a CPU whose flags (``cpuinfo``,
+    Linux's) name Intel AMX or AVX512-BF16; elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
+
+
+def use_bf16(choice: str, device: torch.device) -> bool:
+    """``--bf16``: ``auto`` is on where :func:`native_bf16` holds, ``on`` and ``off`` force it."""
+    return native_bf16(device) if choice == "auto" else choice == "on"
+
+
 def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def profile(fn: Callable[[], object], device: torch.device, path: Path, units: int, unit: str) -> str:
@@ -171,6 +192,9 @@ def base_parser(doc: str, timing: bool = True) -> argparse.ArgumentParser:
     if not timing:
         return parser
     parser.add_argument("--peak_tflops", type=float, help="peak for MFU (default: the card's bf16 dense peak when known)")
+    parser.add_argument("--bf16", choices=BF16_CHOICES, default="auto",
+                        help="bf16 autocast (the project path also with bf16 frozen weights): auto is on for a GPU "
+                             "or a CPU with native bf16 (AMX, AVX512-BF16), else float32 (default: %(default)s)")
     parser.add_argument("--sdpa", choices=SDPA_CHOICES, default="auto",
                         help="attention kernels: auto (torch's choice) or no-cudnn (any but cuDNN's, which builds a "
                              "graph per new shape; GPU only) (default: %(default)s)")

@@ -2,13 +2,14 @@
 
 project  length-grouped batches (ShuffledBatchSampler), on the CPU each prompt prefix the batch shares
          run once (selfinterp.prefix, as collate lays it out; --share_prefix), DecisionLM.answer_logits (output
-         head at the answer positions only) + cross entropy, backward, AdamW on the LoRA parameters; on GPU the
-         frozen base weights in bf16 (as DecisionLM.setup under bf16 precision) under bf16 autocast;
+         head at the answer positions only) + cross entropy, backward, AdamW on the LoRA parameters; with bf16
+         (--bf16; by default on a GPU or a CPU with native bf16) the frozen base weights in bf16 (as
+         DecisionLM.setup under bf16 precision) under bf16 autocast;
          with --compile MODE, the decoder compiled as ``model.compile`` does (compiled in the warm-up steps;
          a compiled step runs the plain pass, without prefix sharing).
 naive    random-order batches padded to the longest, model(input_ids, attention_mask, labels=labels)
          (full-vocabulary logits at every position), backward, AdamW on the same LoRA parameters;
-         on GPU fp32 frozen weights under bf16 autocast.
+         with bf16, fp32 frozen weights under bf16 autocast.
 
 Each path runs in its own process (so peak memory is its own: CUDA max allocated on GPU, max RSS on
 CPU); both processes stay alive and take steps in turn, so that both see the same machine load.
@@ -65,7 +66,7 @@ def make_module(model: str, device: torch.device, bf16_base: bool, seed: int, co
     """DecisionLM with the default LoRA adapter (same seed, same initial adapter for both paths)."""
     torch.manual_seed(seed)
     module = DecisionLM(model=model, compile=compile, share_prefix=share_prefix)
-    if bf16_base:  # what DecisionLM.setup does under bf16 precision on GPU
+    if bf16_base:  # what DecisionLM.setup does under bf16 precision
         module.cast_frozen(torch.bfloat16)
     return module.to(device).train()
 
@@ -96,8 +97,9 @@ class PathRunner:
             torch.set_num_threads(cfg["threads"])
         bc.set_sdpa(cfg["sdpa"])
         self.device = device = torch.device(cfg["device"])
+        self.bf16 = cfg["bf16"]
         project = cfg["path"] == "project"
-        self.module = make_module(cfg["model"], device, bf16_base=project and device.type == "cuda", seed=cfg["seed"],
+        self.module = make_module(cfg["model"], device, bf16_base=project and cfg["bf16"], seed=cfg["seed"],
                                   compile=cfg["compile"] if project else None, share_prefix=cfg["share_prefix"])
         self.tokenizer = self.module.tokenizer
         # the layout collate adds for shared prefixes, where this path's training steps run it
@@ -124,7 +126,7 @@ class PathRunner:
         with record_function("selfinterp.train.batch"):
             batch = collate([self.encoded[i] for i in idx], self.tokenizer.pad_token_id, share=self.share)
             batch = move_data_to_device(batch, self.device)
-        with record_function("selfinterp.train.forward"), bc.autocast(self.device, enabled=True):
+        with record_function("selfinterp.train.forward"), bc.autocast(self.device, enabled=self.bf16):
             loss = self.loss_fn(self.module, batch)
         with record_function("selfinterp.train.backward"):
             loss.backward()
@@ -245,13 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     cfg = dict(model=args.model, device=str(device), n_scenarios=n_scenarios, n_train=args.n_train,
                batch_size=batch_size, steps=steps, warmup=warmup, seed=args.seed, threads=args.threads, compile=args.compile,
-               share_prefix=SHARE[args.share_prefix], sdpa=args.sdpa,
+               share_prefix=SHARE[args.share_prefix], sdpa=args.sdpa, bf16=bc.use_bf16(args.bf16, device),
                profile=args.profile, profile_steps=3 if args.profile else 0)
     print(f"device: {bc.describe(device)}")
     print(f"model: {args.model}; {n_scenarios * args.n_train} training prompts; batch {batch_size}; "
           f"{'one full epoch' if not steps else f'{steps} steps'} per path after {warmup} warm-up step(s); "
           f"project path {'compiled (' + args.compile + ')' if args.compile else 'eager'}, prefix sharing {args.share_prefix}; "
-          f"attention {args.sdpa}")
+          f"attention {args.sdpa}; {'bf16 autocast' if cfg['bf16'] else 'float32'}")
     results = run_paths(cfg)
     naive, proj = results["naive"], results["project"]
     peak, peak_note = bc.peak_flops(device, args.peak_tflops)

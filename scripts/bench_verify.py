@@ -6,7 +6,8 @@ project  selfinterp.scoring.score_prompts: prompts grouped by shared token prefi
 naive    what the public reproduction did: HF generate (greedy, up to --max_new_tokens new tokens)
          on each left-padded batch in the given order, then decode and parse the text.
 
-Both use the same model object: on GPU bf16 weights under bf16 autocast, on CPU float32. They take
+Both use the same model object: bf16 weights under bf16 autocast (--bf16; by default on a GPU or a CPU
+with native bf16), else float32. They take
 turns on rounds of ``--chunk`` prompts, so that both see the same machine load. Every prompt is then
 scored a second time, in the same batches: that pass shows what is left once the kernels that prepare
 per new shape (cuDNN's attention builds a graph for each) have seen them all, as in the second and
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     device = bc.pick_device(args.device)
     bc.set_sdpa(args.sdpa)
     gpu = device.type == "cuda"
+    bf16 = bc.use_bf16(args.bf16, device)
     n_scenarios = args.n_scenarios or (100 if gpu else 2)
     n_prompts = args.n_prompts or (5000 if gpu else 64)
     warmup = args.warmup if args.warmup is not None else (256 if gpu else 4)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
-    if gpu:
+    if bf16:
         model = model.to(torch.bfloat16)
     model = model.to(device).eval()
     data = build_data(n_scenarios=n_scenarios, n_train=1, n_val=0, n_test=args.n_test)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     prompt_tokens = sum(map(len, ids))
     print(f"device: {bc.describe(device)}")
-    print(f"model: {args.model} ({'bf16 weights, bf16 autocast' if gpu else 'float32'}); {n_prompts} prompts from "
+    print(f"model: {args.model} ({'bf16 weights, bf16 autocast' if bf16 else 'float32'}); {n_prompts} prompts from "
           f"{n_scenarios} scenarios ({prompt_tokens / n_prompts:.0f} tokens each on average); batch {batch_size}; "
           f"rounds of {chunk} prompts, the paths in turn; {warmup} warm-up prompts per path; attention {args.sdpa}")
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 seconds[name][1] += time.process_time() - cpu
         return results, seconds
 
-    with bc.autocast(device, enabled=True):
+    with bc.autocast(device, enabled=bf16):
         if warmup:
             for fn in paths.values():
                 fn(prompts[:warmup])

@@ -63,13 +63,13 @@ def assert_profiled(folder: Path, name: str, phases: list[tuple[str, int]], line
 def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_path):
     lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
                        "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "1",
-                       "--profile", "prof", cwd=tmp_path)
+                       "--profile", "prof", "--bf16", "off", cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
     assert float(lines[-1].split()[1]) > 0
     assert any(line.startswith("| tokens/s") for line in lines)
     assert any(line.startswith("| peak memory MiB") for line in lines)
     assert any(re.match(r"^\| timed steps +\| +2 \| +2 \|$", line) for line in lines)  # profiling is not timed
-    assert lines[1].endswith("project path eager, prefix sharing auto; attention auto")
+    assert lines[1].endswith("project path eager, prefix sharing auto; attention auto; float32")
     assert _row(lines, "steps with shared prefixes") == (0, 2)  # auto: on, on the CPU
     assert _cells(lines, "cuDNN attention allowed") == ("yes", "yes")
     phases = [("selfinterp.train.forward", 3), ("selfinterp.train.backward", 3), ("selfinterp.train.optimizer", 3)]
@@ -79,8 +79,8 @@ def test_bench_train_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp_
     assert project < 0.9 * naive  # each step's 2 rows share their first ~60 of ~170 tokens, run once
     lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
                        "--n_train", "8", "--batch_size", "2", "--steps", "2", "--warmup", "0", "--share_prefix", "off",
-                       "--sdpa", "no-cudnn", cwd=tmp_path)
-    assert lines[1].endswith("project path eager, prefix sharing off; attention no-cudnn")
+                       "--sdpa", "no-cudnn", "--bf16", "on", cwd=tmp_path)
+    assert lines[1].endswith("project path eager, prefix sharing off; attention no-cudnn; bf16 autocast")
     assert _cells(lines, "cuDNN attention allowed") == ("no", "no")  # set in each path's own process
     assert _row(lines, "steps with shared prefixes") == (0, 0)
     padding = _row(lines, "padding (% of batch tokens)")[1]
@@ -103,9 +103,10 @@ def _row(lines: list[str], name: str) -> tuple[float, float]:
 def test_bench_train_compile_compiles_the_project_path_only(tiny_model_dir, tmp_path):
     lines = run_script("bench_train", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "1",
                        "--n_train", "8", "--batch_size", "2", "--steps", "1", "--warmup", "1", "--compile", "default",
-                       "--profile", "prof", cwd=tmp_path)
+                       "--profile", "prof", "--bf16", "off", cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
-    assert any(line.endswith("project path compiled (default), prefix sharing auto; attention auto") for line in lines)
+    assert any(line.endswith("project path compiled (default), prefix sharing auto; attention auto; float32")
+               for line in lines)
     assert _row(lines, "steps with shared prefixes") == (0, 0)  # compiled steps run the plain pass
     assert any(line.startswith("| warm-up seconds (untimed; compilation included)") for line in lines)
     for path, compiled in (("naive", False), ("project", True)):
@@ -118,9 +119,9 @@ def test_bench_verify_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp
     lines = run_script("bench_verify", "--model", str(tiny_model_dir), "--device", "cpu", "--n_scenarios", "2",
                        "--n_test", "4", "--n_prompts", "6", "--batch_size", "4", "--warmup", "2",
                        "--max_new_tokens", "3", "--continue_tokens", "3", "--profile", "prof", "--sdpa", "no-cudnn",
-                       cwd=tmp_path)
+                       "--bf16", "off", cwd=tmp_path)
     assert RATIO.match(lines[-1]), lines[-1]
-    assert lines[1].endswith("attention no-cudnn")
+    assert lines[1].endswith("attention no-cudnn") and "(float32)" in lines[1]
     assert float(lines[-1].split()[1]) > 0
     assert any(line.startswith("| prompts/s") for line in lines)
     # the random model never answers A or B: both paths decode greedily and agree on every prompt
@@ -134,6 +135,19 @@ def test_bench_verify_prints_a_table_and_ends_with_the_ratio(tiny_model_dir, tmp
               ("selfinterp.verify.continue", 2)]
     assert_profiled(tmp_path / "prof", "verify-project", phases, lines)
     assert_profiled(tmp_path / "prof", "verify-naive", [], lines)
+
+
+def test_bf16_is_on_by_default_where_the_device_has_it_natively(tmp_path):
+    bench = load_script("bench_common")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    avx2.write_text("flags\t\t: fpu avx2 fma\n")
+    assert bench.native_bf16(cpu, amx) and not bench.native_bf16(cpu, avx2)
+    assert not bench.native_bf16(cpu, tmp_path / "absent")  # not Linux: no flags to read, float32
+    assert bench.native_bf16(cuda, avx2)
+    assert bench.use_bf16("on", cpu) and not bench.use_bf16("off", cuda)
+    assert bench.use_bf16("auto", cuda) and bench.use_bf16("auto", cpu) == bench.native_bf16(cpu)
 
 
 def test_gpu_busy_time_counts_overlapping_kernels_once():
