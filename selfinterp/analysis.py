@@ -203,6 +203,23 @@ def ranking_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def top_k_matches(
+    scenario: Scenario, weights: Sequence[float], a: np.ndarray, b: np.ndarray, chosen: np.ndarray
+) -> np.ndarray:
+    """How many of ``chosen`` match the target rule cut to its k heaviest attributes, for k = 1..5.
+
+    A model that acts on only some of a rule's attributes matches the rule cut to those best, so
+    these counts show which attributes it has picked up before its agreement with the full rule says
+    much. Ties in |weight| keep the attributes' order.
+    """
+    order = np.argsort(-np.abs(np.asarray(weights, float)), kind="stable")
+    counts = np.zeros(N_ATTRIBUTES, dtype=int)
+    for k in range(1, N_ATTRIBUTES + 1):
+        cut = [w if i in order[:k] else 0 for i, w in enumerate(weights)]
+        counts[k - 1] = sum(target_choice(scenario, cut, ai, bi) == c for ai, bi, c in zip(a, b, chosen))
+    return counts
+
+
 def analyze(
     decisions: pd.DataFrame,
     scenarios: Sequence[Scenario],
@@ -229,6 +246,7 @@ def analyze(
     ids = sorted(int(s) for s in np.unique(scenario_of))
     learned = np.full((len(ids), N_ATTRIBUTES), np.nan)
     dropped, agree, aucs = [], 0, []
+    top_k, rule_top_k = np.zeros(N_ATTRIBUTES, dtype=int), np.zeros(N_ATTRIBUTES, dtype=int)
     p_b = pd.to_numeric(df["p_b"], errors="coerce").to_numpy(float) if "p_b" in df else None
     a_all, b_all = df[A_COLS].to_numpy(), df[B_COLS].to_numpy()
     for row, s in enumerate(ids):
@@ -237,6 +255,8 @@ def analyze(
         ok = valid[mine]
         a, b, chose = a_all[mine][ok], b_all[mine][ok], selection[mine][ok]
         agree += int((rule[ok] == chose).sum())
+        top_k += top_k_matches(scenarios[s], weights[s], a, b, chose)
+        rule_top_k += top_k_matches(scenarios[s], weights[s], a, b, rule[ok])
         if p_b is not None:  # over every row: P(B) exists whatever the greedy answer was
             has = ~np.isnan(p_b[mine])
             if (auc := ranking_auc(p_b[mine][has], rule[has] == "B")) is not None:
@@ -253,6 +273,10 @@ def analyze(
         "regression": regression,
         **pooled_metrics(learned[fit], targets[fit]),
         "agreement": agree / n_valid if n_valid else None,
+        # Agreement with the rule cut to each scenario's k heaviest attributes (k = 1..5; the last is
+        # the full rule), and how far the cut rules themselves agree with the full one (their ceiling).
+        "agreement_top_k": (top_k / n_valid).tolist() if n_valid else None,
+        "rule_top_k": (rule_top_k / n_valid).tolist() if n_valid else None,
         "parse_failure": (n - n_valid) / n,
         "frac_A": float(np.mean(selection == "A")),
         # How well P(B) ranks each scenario's trials by the target rule (mean over scenarios): 0.5 when
@@ -301,6 +325,13 @@ def summary(metrics: dict[str, Any]) -> str:
         f"{metrics['n_scenarios']} scenarios ({metrics['regression']} regression)",
         f"agreement with the target rule: {fmt(metrics['agreement'], '.1%')} of {metrics['n_valid']} valid answers"
         + (f"; P(B) ranks the trials by the rule with AUC {metrics['auc']:.3f}" if metrics.get("auc") is not None else ""),
+        *(
+            [f"agreement with the rule cut to its k heaviest attributes, k = 1..{N_ATTRIBUTES}: "
+             + ", ".join(f"{x:.1%}" for x in metrics["agreement_top_k"])
+             + " (the cut rules agree with the full one on "
+             + ", ".join(f"{x:.1%}" for x in metrics["rule_top_k"]) + ")"]
+            if metrics.get("agreement_top_k") else []
+        ),
         f"unparseable answers: {metrics['n_decisions'] - metrics['n_valid']} of {metrics['n_decisions']} "
         f"({metrics['parse_failure']:.1%})",
     ]

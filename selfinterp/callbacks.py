@@ -183,6 +183,7 @@ class VerificationCallback(Callback):
         self.history.append({"tag": tag, "epoch": step, **{k: metrics.get(k) for k in SCALARS},
                              "p_value": metrics.get("p_value"), "r_ci95": metrics.get("r_ci95"),
                              "r_per_attribute": metrics.get("r_per_attribute"),
+                             "agreement_top_k": metrics.get("agreement_top_k"),
                              "train_seconds": self.train_seconds})
         self.write_summary(trainer, pl_module, run)
         self.log_metrics(trainer, result, math.ceil(step))  # a part-epoch's point goes to the epoch in progress
@@ -243,6 +244,8 @@ class VerificationCallback(Callback):
         for k, r in enumerate(m.get("r_per_attribute") or [], 1):
             if r is not None:
                 scalars[f"verify/r_attr{k}"] = float(r)
+        for k, x in enumerate(m.get("agreement_top_k") or [], 1):
+            scalars[f"verify/agreement_top{k}"] = float(x)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             if isinstance(logger, TensorBoardLogger):

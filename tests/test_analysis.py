@@ -18,12 +18,12 @@ from selfinterp.analysis import LEARNED_COLS, analyze, analyze_command, load_dec
 from selfinterp.dataset import A_COLS, B_COLS, DecisionData, build_data, write_data
 from selfinterp.errors import UserError
 from selfinterp.plots import recovery_curve_figure, save_figure
-from selfinterp.trials import Trial
+from selfinterp.trials import Trial, target_choice
 
 RANGES = [[0, 100], [1, 5], [0, 0.5], [10, 1000], [-20, 40]]
 METRIC_KEYS = {
     "regression", "r", "p_value", "r_ci95", "spearman", "r_per_attribute", "mean_scenario_r", "mae", "rmse",
-    "agreement", "auc", "parse_failure", "frac_A", "n_decisions", "n_valid", "n_scenarios", "n_scenarios_fit",
+    "agreement", "agreement_top_k", "rule_top_k", "auc", "parse_failure", "frac_A", "n_decisions", "n_valid", "n_scenarios", "n_scenarios_fit",
     "scenarios_dropped",
 }
 
@@ -72,6 +72,24 @@ def test_oracle_choices_recover_the_target_weights(data: DecisionData) -> None:
     assert (m["n_decisions"], m["n_valid"], m["n_scenarios"], m["n_scenarios_fit"]) == (1250, 1250, 25, 25)
     assert m["scenarios_dropped"] == []
     assert all(r > 0.9 for r in m["r_per_attribute"])
+
+
+def test_top_k_agreement_finds_a_model_that_reads_only_the_heaviest_attribute(data: DecisionData) -> None:
+    trials = [t for t in data.test_trials if t.scenario < 20]
+    heaviest = []
+    for t in trials:
+        w = data.weights[t.scenario]
+        top = int(np.argmax(np.abs(w)))
+        heaviest.append(target_choice(data.scenarios[t.scenario], [x if i == top else 0 for i, x in enumerate(w)], t.a, t.b))
+    m = analyze(frame(trials, heaviest), data.scenarios, data.weights).metrics
+    cut = m["rule_top_k"]
+    assert m["agreement_top_k"][0] == 1.0
+    assert m["agreement_top_k"][-1] == m["agreement"] == cut[0]  # the full rule is the last cut
+    assert cut[-1] == 1.0 and 0.55 < cut[0] < 0.9  # one attribute of five says much, not all
+    # The oracle matches every cut rule exactly as often as the cut rule matches the full rule
+    m = analyze(oracle(data, 20), data.scenarios, data.weights).metrics
+    assert m["agreement_top_k"] == m["rule_top_k"] == cut
+    assert "k = 1..5: " + ", ".join(f"{x:.1%}" for x in cut) in summary(m)
 
 
 def test_random_choices_recover_nothing(data: DecisionData) -> None:

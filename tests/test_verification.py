@@ -190,6 +190,11 @@ def test_verify_with_an_oracle_recovers_the_weights(tmp_path, tokenizer):
     logged = scalars(tmp_path / "tb")
     assert logged["verify/r"] == [(1, pytest.approx(metrics["r"]))]
     assert logged["verify/agreement"] == [(1, 1.0)]
+    # the oracle matches each cut rule as often as the cut rule matches the full one; the full rule is the last
+    cut = metrics["rule_top_k"]
+    assert metrics["agreement_top_k"] == cut and cut[-1] == 1.0 and cut[0] < 1.0
+    assert summary["epochs"][0]["agreement_top_k"] == pytest.approx(cut)
+    assert [logged[f"verify/agreement_top{k}"] for k in range(1, 6)] == [[(1, pytest.approx(x))] for x in cut]
 
 
 def test_verify_selects_the_first_trials_of_the_first_scenarios(tmp_path, tokenizer):
