@@ -203,21 +203,19 @@ def ranking_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def top_k_matches(
-    scenario: Scenario, weights: Sequence[float], a: np.ndarray, b: np.ndarray, chosen: np.ndarray
-) -> np.ndarray:
-    """How many of ``chosen`` match the target rule cut to its k heaviest attributes, for k = 1..5.
+def cut_rule_choices(scenario: Scenario, weights: Sequence[float], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The target rule's choices on trials (a, b) when cut to its k heaviest attributes, k = 1..5: shape (5, n).
 
     A model that acts on only some of a rule's attributes matches the rule cut to those best, so
-    these counts show which attributes it has picked up before its agreement with the full rule says
-    much. Ties in |weight| keep the attributes' order.
+    comparing its choices with these rows shows which attributes it has picked up before its
+    agreement with the full rule (the last row) says much. Ties in |weight| keep the attributes' order.
     """
     order = np.argsort(-np.abs(np.asarray(weights, float)), kind="stable")
-    counts = np.zeros(N_ATTRIBUTES, dtype=int)
+    rows = []
     for k in range(1, N_ATTRIBUTES + 1):
         cut = [w if i in order[:k] else 0 for i, w in enumerate(weights)]
-        counts[k - 1] = sum(target_choice(scenario, cut, ai, bi) == c for ai, bi, c in zip(a, b, chosen))
-    return counts
+        rows.append([target_choice(scenario, cut, ai, bi) for ai, bi in zip(a, b)])
+    return np.array(rows, dtype=object)
 
 
 def analyze(
@@ -255,8 +253,9 @@ def analyze(
         ok = valid[mine]
         a, b, chose = a_all[mine][ok], b_all[mine][ok], selection[mine][ok]
         agree += int((rule[ok] == chose).sum())
-        top_k += top_k_matches(scenarios[s], weights[s], a, b, chose)
-        rule_top_k += top_k_matches(scenarios[s], weights[s], a, b, rule[ok])
+        cuts = cut_rule_choices(scenarios[s], weights[s], a, b)
+        top_k += (cuts == chose).sum(axis=1)
+        rule_top_k += (cuts == rule[ok]).sum(axis=1)
         if p_b is not None:  # over every row: P(B) exists whatever the greedy answer was
             has = ~np.isnan(p_b[mine])
             if (auc := ranking_auc(p_b[mine][has], rule[has] == "B")) is not None:
@@ -325,16 +324,14 @@ def summary(metrics: dict[str, Any]) -> str:
         f"{metrics['n_scenarios']} scenarios ({metrics['regression']} regression)",
         f"agreement with the target rule: {fmt(metrics['agreement'], '.1%')} of {metrics['n_valid']} valid answers"
         + (f"; P(B) ranks the trials by the rule with AUC {metrics['auc']:.3f}" if metrics.get("auc") is not None else ""),
-        *(
-            [f"agreement with the rule cut to its k heaviest attributes, k = 1..{N_ATTRIBUTES}: "
-             + ", ".join(f"{x:.1%}" for x in metrics["agreement_top_k"])
-             + " (the cut rules agree with the full one on "
-             + ", ".join(f"{x:.1%}" for x in metrics["rule_top_k"]) + ")"]
-            if metrics.get("agreement_top_k") else []
-        ),
         f"unparseable answers: {metrics['n_decisions'] - metrics['n_valid']} of {metrics['n_decisions']} "
         f"({metrics['parse_failure']:.1%})",
     ]
+    if metrics.get("agreement_top_k"):
+        lines.append(f"agreement with the rule cut to its k heaviest attributes, k = 1..{N_ATTRIBUTES}: "
+                     + ", ".join(f"{x:.1%}" for x in metrics["agreement_top_k"])
+                     + " (the cut rules agree with the full one on "
+                     + ", ".join(f"{x:.1%}" for x in metrics["rule_top_k"]) + ")")
     if metrics["scenarios_dropped"]:
         lines.append("dropped: " + ", ".join(f"{d['scenario']} ({d['reason']})" for d in metrics["scenarios_dropped"]))
     return "\n".join(lines)
