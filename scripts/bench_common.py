@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import resource
 import sys
 import time
@@ -17,6 +16,8 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_*.py` from anywher
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from selfinterp.devices import native_bf16  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of the cards MFU is computed against when --peak_tflops is unset.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -85,18 +86,6 @@ def set_sdpa(choice: str) -> None:
 
 
 BF16_CHOICES = ("auto", "on", "off")
-
-
-def native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether ``device`` runs bf16 matrix products natively: a GPU, or a CPU whose flags (``cpuinfo``,
-    Linux's) name Intel AMX or AVX512-BF16; elsewhere bf16 is emulated and slower than float32."""
-    if device.type == "cuda":
-        return True
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
 
 
 def use_bf16(choice: str, device: torch.device) -> bool:

@@ -11,8 +11,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
 from selfinterp.datamodule import IGNORE
+from selfinterp.devices import native_bf16
 from selfinterp.errors import UserError
 from selfinterp.models import EMBEDDED, load_model, load_tokenizer
 from selfinterp.prefix import can_share, shared_hidden
@@ -185,8 +187,15 @@ class DecisionLM(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dtype = self.hparams.base_dtype
+        trainer = self._trainer  # None when set up by hand, where `self.trainer` would raise
+        bf16 = trainer is not None and str(trainer.precision).startswith("bf16")
+        if bf16 and not native_bf16(trainer.strategy.root_device):  # where the module moves after setup
+            rank_zero_warn(
+                "bf16 precision on a CPU without native bf16 (no amx_bf16 or avx512_bf16 in /proc/cpuinfo): "
+                "bf16 is emulated there and runs many times slower than float32; "
+                "use --config configs/trainer/cpu.yaml instead of configs/trainer/cpu-bf16.yaml"
+            )
         if dtype == "auto":  # bf16 autocast runs the matrix products in bf16 either way; stored bf16 spares the casts
-            bf16 = self.trainer is not None and str(self.trainer.precision).startswith("bf16")
             dtype = "bfloat16" if bf16 else "float32"
         if dtype == "bfloat16":
             self.cast_frozen(torch.bfloat16)

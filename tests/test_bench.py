@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from conftest import naive_answer, ramp_lora_b
 from selfinterp import scoring
 from selfinterp.datamodule import collate, encode, prompt_text
+from selfinterp.devices import native_bf16
 from selfinterp.dataset import build_data
 from selfinterp.module import DecisionLM
 from selfinterp.prefix import prefix_groups
@@ -143,9 +144,9 @@ def test_bf16_is_on_by_default_where_the_device_has_it_natively(tmp_path):
     amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
     amx.write_text("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
     avx2.write_text("flags\t\t: fpu avx2 fma\n")
-    assert bench.native_bf16(cpu, amx) and not bench.native_bf16(cpu, avx2)
-    assert not bench.native_bf16(cpu, tmp_path / "absent")  # not Linux: no flags to read, float32
-    assert bench.native_bf16(cuda, avx2)
+    assert native_bf16(cpu, amx) and not native_bf16(cpu, avx2)
+    assert not native_bf16(cpu, tmp_path / "absent")  # not Linux: no flags to read, float32
+    assert native_bf16(cuda, avx2)
     assert bench.use_bf16("on", cpu) and not bench.use_bf16("off", cuda)
     assert bench.use_bf16("auto", cuda) and bench.use_bf16("auto", cpu) == bench.native_bf16(cpu)
 

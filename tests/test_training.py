@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import lightning as L
@@ -473,6 +474,21 @@ def test_auto_base_dtype_follows_the_precision_on_cpu_too(tiny_model_dir, precis
     _trainer(precision=precision, max_steps=1).fit(module, dm)
     assert {p.dtype for p in module.parameters() if not p.requires_grad} == {frozen}
     assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_points_to_float32(tiny_model_dir, monkeypatch, native):
+    """Emulated bf16 ran many times slower than float32 on an AVX2-only CPU, so fit says so and names
+    the float32 overlay; a CPU with AMX or AVX512-BF16 (or float32 precision) hears nothing."""
+    monkeypatch.setattr("selfinterp.module.native_bf16", lambda device: native)
+    module = _module(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(precision="bf16-mixed", max_steps=1).fit(module, _datamodule(module))
+    slow = [w for w in caught if "configs/trainer/cpu.yaml" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    if slow:
+        assert "without native bf16" in str(slow[0].message)
 
 
 def test_lora_b_lr_ratio_is_checked():
