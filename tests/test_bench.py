@@ -148,7 +148,7 @@ def test_bf16_is_on_by_default_where_the_device_has_it_natively(tmp_path):
     assert not native_bf16(cpu, tmp_path / "absent")  # not Linux: no flags to read, float32
     assert native_bf16(cuda, avx2)
     assert bench.use_bf16("on", cpu) and not bench.use_bf16("off", cuda)
-    assert bench.use_bf16("auto", cuda) and bench.use_bf16("auto", cpu) == bench.native_bf16(cpu)
+    assert bench.use_bf16("auto", cuda) and bench.use_bf16("auto", cpu) == native_bf16(cpu)
 
 
 def test_gpu_busy_time_counts_overlapping_kernels_once():

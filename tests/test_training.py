@@ -479,7 +479,7 @@ def test_auto_base_dtype_follows_the_precision_on_cpu_too(tiny_model_dir, precis
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_warns_and_points_to_float32(tiny_model_dir, monkeypatch, native):
     """Emulated bf16 ran many times slower than float32 on an AVX2-only CPU, so fit says so and names
-    the float32 overlay; a CPU with AMX or AVX512-BF16 (or float32 precision) hears nothing."""
+    the float32 overlay; a CPU with AMX or AVX512-BF16 hears nothing."""
     monkeypatch.setattr("selfinterp.module.native_bf16", lambda device: native)
     module = _module(tiny_model_dir)
     with warnings.catch_warnings(record=True) as caught:
