@@ -44,15 +44,20 @@ LEARNED_CSV = "learned_weights.csv"
 WEIGHT_PNG = "weight_comparison.png"
 PER_ATTRIBUTE_PNG = "per_attribute_comparison.png"
 DECISIONS_CSV = "inference_decisions.csv"
+SCENARIO_CSV = "scenario_metrics.csv"
+SCENARIO_COLS = ["scenario", "n_decisions", "n_valid", "agreement", "auc", "frac_A", "weights"]
 
 
 @dataclass
 class Analysis:
-    """Metrics (JSON-ready), learned weights (``scenario,b_attr1..5``) and the aligned targets (n, 5)."""
+    """Metrics (JSON-ready), learned weights (``scenario,b_attr1..5``), the aligned targets (n, 5) and
+    one row of metrics per scenario (``SCENARIO_COLS``), which shows in a mix which scenarios have
+    left the answer bias while the pooled figures still average them with those that have not."""
 
     metrics: dict[str, Any]
     learned: pd.DataFrame
     targets: np.ndarray
+    per_scenario: pd.DataFrame
 
 
 class _Unfit(Exception):
@@ -243,7 +248,7 @@ def analyze(
     scenario_of = df["scenario"].to_numpy()
     ids = sorted(int(s) for s in np.unique(scenario_of))
     learned = np.full((len(ids), N_ATTRIBUTES), np.nan)
-    dropped, agree, aucs = [], 0, []
+    dropped, agree, aucs, rows = [], 0, [], []
     top_k, rule_top_k = np.zeros(N_ATTRIBUTES, dtype=int), np.zeros(N_ATTRIBUTES, dtype=int)
     p_b = pd.to_numeric(df["p_b"], errors="coerce").to_numpy(float) if "p_b" in df else None
     a_all, b_all = df[A_COLS].to_numpy(), df[B_COLS].to_numpy()
@@ -252,19 +257,25 @@ def analyze(
         rule = np.array([target_choice(scenarios[s], weights[s], ai, bi) for ai, bi in zip(a_all[mine], b_all[mine])])
         ok = valid[mine]
         a, b, chose = a_all[mine][ok], b_all[mine][ok], selection[mine][ok]
-        agree += int((rule[ok] == chose).sum())
+        agreed = int((rule[ok] == chose).sum())
+        agree += agreed
         cuts = cut_rule_choices(scenarios[s], weights[s], a, b)
         top_k += (cuts == chose).sum(axis=1)
         rule_top_k += (cuts == rule[ok]).sum(axis=1)
+        auc = None
         if p_b is not None:  # over every row: P(B) exists whatever the greedy answer was
             has = ~np.isnan(p_b[mine])
             if (auc := ranking_auc(p_b[mine][has], rule[has] == "B")) is not None:
                 aucs.append(auc)
         ranges = np.array([attr.hi - attr.lo for attr in scenarios[s].attributes])
+        fit_status = "fit"
         try:
             learned[row] = _fit_scenario((a - b) / ranges, chose == "A", regression, min_valid)
         except _Unfit as unfit:
             dropped.append({"scenario": s, "reason": str(unfit)})
+            fit_status = str(unfit)
+        rows.append([s, int(mine.sum()), int(ok.sum()), agreed / ok.sum() if ok.any() else None, auc,
+                     float(np.mean(selection[mine] == "A")), fit_status])
     targets = np.array([weights[s] for s in ids], dtype=float)
     fit = ~np.isnan(learned).any(axis=1)
     n, n_valid = len(df), int(valid.sum())
@@ -289,7 +300,7 @@ def analyze(
     }
     frame = pd.DataFrame(learned, columns=LEARNED_COLS)
     frame.insert(0, "scenario", ids)
-    return Analysis(metrics, frame, targets)
+    return Analysis(metrics, frame, targets, pd.DataFrame(rows, columns=SCENARIO_COLS))
 
 
 def write_analysis(analysis: Analysis, out_dir: str | Path, decisions: pd.DataFrame | None = None) -> list[Path]:
@@ -298,11 +309,12 @@ def write_analysis(analysis: Analysis, out_dir: str | Path, decisions: pd.DataFr
 
     out = Path(out_dir)
     learned = analysis.learned[LEARNED_COLS].to_numpy(dtype=float)
-    paths = [out / RESULTS_JSON, out / LEARNED_CSV, out / WEIGHT_PNG, out / PER_ATTRIBUTE_PNG]
+    paths = [out / RESULTS_JSON, out / LEARNED_CSV, out / SCENARIO_CSV, out / WEIGHT_PNG, out / PER_ATTRIBUTE_PNG]
     write_json(paths[0], analysis.metrics)
     write_text(paths[1], analysis.learned.to_csv(index=False, float_format="%.0f"))
-    plots.save_figure(plots.weight_comparison_figure(learned, analysis.targets, analysis.metrics["r"]), paths[2])
-    plots.save_figure(plots.per_attribute_figure(learned, analysis.targets), paths[3])
+    write_text(paths[2], analysis.per_scenario.to_csv(index=False, float_format="%.4f"))
+    plots.save_figure(plots.weight_comparison_figure(learned, analysis.targets, analysis.metrics["r"]), paths[3])
+    plots.save_figure(plots.per_attribute_figure(learned, analysis.targets), paths[4])
     if decisions is not None:
         paths.append(out / DECISIONS_CSV)
         write_text(paths[-1], decisions.to_csv(index=False))
@@ -347,7 +359,8 @@ def analyze_command(
 ) -> dict:
     """Recover the weights behind a model's choices and compare them with the instilled ones.
 
-    Writes experiment1_results.json, learned_weights.csv, weight_comparison.png,
+    Writes experiment1_results.json, learned_weights.csv, scenario_metrics.csv (agreement, AUC,
+    share of "A" and whether the weights were fit, per scenario), weight_comparison.png,
     per_attribute_comparison.png and inference_decisions.csv (a copy of the decisions, skipped
     when that is the decisions file itself).
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selfinterp.analysis import LEARNED_COLS, analyze, analyze_command, load_decisions, rescale, summary
+from selfinterp.analysis import LEARNED_COLS, SCENARIO_COLS, analyze, analyze_command, load_decisions, rescale, summary
 from selfinterp.dataset import A_COLS, B_COLS, DecisionData, build_data, write_data
 from selfinterp.errors import UserError
 from selfinterp.plots import recovery_curve_figure, save_figure
@@ -157,6 +157,25 @@ def test_too_few_valid_answers_drops_the_scenario(data: DecisionData) -> None:
     assert m["n_scenarios_fit"] == 1 and m["r"] is not None
 
 
+def test_per_scenario_rows_tell_a_learned_scenario_from_one_stuck_on_a_letter(data: DecisionData) -> None:
+    trials = [t for t in data.test_trials if t.scenario < 3]
+    first5 = [t for t in trials if t.scenario == 2][:5]
+    # Scenario 0 follows its rule, 1 answers "A" to everything, 2 follows its rule on its first 5 trials only
+    choices = [t.label if t.scenario == 0 or any(t is f for f in first5) else "A" if t.scenario == 1 else "?"
+               for t in trials]
+    decisions = frame(trials, choices)
+    decisions["p_b"] = [0.9 if (t.label == "B") == (t.scenario != 1) else 0.1 for t in trials]
+    rows = analyze(decisions, data.scenarios, data.weights).per_scenario.set_index("scenario")
+    share_a = [np.mean([t.label == "A" for t in trials if t.scenario == s]) for s in range(3)]
+    assert rows["n_decisions"].tolist() == [50, 50, 50] and rows["n_valid"].tolist() == [50, 50, 5]
+    assert rows.loc[0, "agreement"] == 1.0 and rows.loc[2, "agreement"] == 1.0
+    assert rows.loc[1, "agreement"] == share_a[1] and rows.loc[1, "frac_A"] == 1.0
+    assert rows.loc[0, "frac_A"] == share_a[0]
+    assert rows.loc[2, "frac_A"] == np.mean([t.label == "A" for t in first5]) / 10  # 45 of its 50 answers are "?"
+    assert rows["auc"].tolist() == [1.0, 0.0, 1.0]  # P(B) ranks scenario 1's trials backwards
+    assert rows["weights"].tolist() == ["fit", "one class", "too few valid answers"]
+
+
 @given(st.lists(st.floats(-1e6, 1e6), min_size=5, max_size=5).filter(lambda v: max(map(abs, v)) > 1e-3))
 def test_rescale_keeps_signs_and_puts_the_largest_at_100(coefs: list[float]) -> None:
     w = rescale(coefs)
@@ -206,7 +225,7 @@ def test_analyze_command_writes_results(data: DecisionData, tmp_path: Path, caps
     decisions["raw_answer"] = decisions["selection"]
     decisions.to_csv(run / "choices.csv", index=False)
     metrics = analyze_command(str(run / "choices.csv"), str(tmp_path / "data" / "scenarios.csv"))
-    for name in ["experiment1_results.json", "learned_weights.csv", "weight_comparison.png",
+    for name in ["experiment1_results.json", "learned_weights.csv", "scenario_metrics.csv", "weight_comparison.png",
                  "per_attribute_comparison.png", "inference_decisions.csv"]:
         assert (run / name).stat().st_size > 0, name
     saved = json.loads((run / "experiment1_results.json").read_text())
@@ -214,6 +233,9 @@ def test_analyze_command_writes_results(data: DecisionData, tmp_path: Path, caps
     learned = pd.read_csv(run / "learned_weights.csv")
     assert list(learned.columns) == ["scenario", *LEARNED_COLS]
     assert learned["scenario"].tolist() == list(range(20))
+    per_scenario = pd.read_csv(run / "scenario_metrics.csv")
+    assert list(per_scenario.columns) == SCENARIO_COLS
+    assert per_scenario["scenario"].tolist() == list(range(20)) and (per_scenario["agreement"] == 1.0).all()
     assert "raw_answer" in pd.read_csv(run / "inference_decisions.csv").columns
     assert "r = 0.9" in capsys.readouterr().out
 

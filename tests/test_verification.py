@@ -224,7 +224,7 @@ def test_answers_that_are_not_letters_are_parse_failures(tmp_path, tokenizer, st
 
 
 # --- through the command line -----------------------------------------------------------------
-RESULT_FILES = {"experiment1_results.json", "learned_weights.csv", "inference_decisions.csv",
+RESULT_FILES = {"experiment1_results.json", "learned_weights.csv", "scenario_metrics.csv", "inference_decisions.csv",
                 "weight_comparison.png", "per_attribute_comparison.png"}
 
 
