@@ -284,6 +284,21 @@ def test_training_changes_lora_weights_and_no_base_weight(tiny_model_dir, tmp_pa
         assert torch.allclose(warm.answer_logits(batch)[0], module.answer_logits(batch)[0], atol=1e-6)
 
 
+def test_grad_norm_is_logged_before_clipping(tiny_model_dir):
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self.norm = float(torch.stack([g.norm() for g in grads]).norm())
+
+    module = _module(tiny_model_dir)
+    record = Record()
+    trainer = _trainer(max_steps=2, gradient_clip_val=1e-6, callbacks=[record])
+    trainer.fit(module, datamodule=DecisionDataModule(n_scenarios=2, n_train=4, n_val=1, n_test=5, batch_size=4))
+    logged = float(trainer.callback_metrics["train/grad_norm"])
+    assert logged == pytest.approx(record.norm, rel=1e-5)
+    assert logged > 1e-3  # the norm before the clip to 1e-6
+
+
 def test_init_from_names_what_is_wrong(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         _module(tiny_model_dir, init_from=str(tmp_path / "missing.ckpt"))
