@@ -278,9 +278,9 @@ class DecisionLM(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the total gradient norm of the trainable weights as ``train/grad_norm``. Lightning calls
         this before it clips (``trainer.gradient_clip_val``), so the curve shows how often a clip acts."""
-        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]  # float32: trainable weights stay float32
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
