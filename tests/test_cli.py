@@ -361,6 +361,21 @@ def test_a_run_stopped_inside_an_epoch_is_verified_where_it_stopped(tmp_path, mo
     assert [step for step, _ in logged["verify/parse_failure"]] == [0, 1, 2]
 
 
+def test_the_lr_schedule_counts_optimizer_steps_under_accumulation(tmp_path, monkeypatch, tiny_model_dir):
+    """cosclip-gpu's s100-b400 makes steps of 400 from 4 accumulated batches of 100 and cuts each epoch
+    with limit_train_batches (micro-batches): the decay must end at the last optimizer step, not halfway
+    through a schedule counted in batches."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_fit(tiny_model_dir, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
+                     "--trainer.accumulate_grad_batches=2", "--model.decay=linear", "--model.warmup=0")) == 0
+    checkpoints = sorted(p.name for p in (tmp_path / "lightning_logs" / "tiny" / "checkpoints").glob("epoch=*.ckpt"))
+    assert checkpoints == ["epoch=1-step=2.ckpt"]  # 2 batches per epoch, 1 optimizer step each
+    last = torch.load(tmp_path / "lightning_logs" / "tiny" / "checkpoints" / checkpoints[0], map_location="cpu",
+                      weights_only=False)
+    assert last["global_step"] == 2
+    assert [g["lr"] for g in last["optimizer_states"][0]["param_groups"]] == [0.0]  # decayed to 0 at step 2 of 2
+
+
 def test_a_renamed_run_keeps_its_own_checkpoint_folder(tmp_path, monkeypatch, tiny_model_dir):
     """Sweeps rename runs with the logger name; each run's last.ckpt then lives under that name."""
     monkeypatch.chdir(tmp_path)
