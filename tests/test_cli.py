@@ -368,10 +368,10 @@ def test_the_lr_schedule_counts_optimizer_steps_under_accumulation(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert main(_fit(tiny_model_dir, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
                      "--trainer.accumulate_grad_batches=2", "--model.decay=linear", "--model.warmup=0")) == 0
-    checkpoints = sorted(p.name for p in (tmp_path / "lightning_logs" / "tiny" / "checkpoints").glob("epoch=*.ckpt"))
+    folder = tmp_path / "lightning_logs" / "tiny" / "checkpoints"
+    checkpoints = sorted(p.name for p in folder.glob("epoch=*.ckpt"))
     assert checkpoints == ["epoch=1-step=2.ckpt"]  # 2 batches per epoch, 1 optimizer step each
-    last = torch.load(tmp_path / "lightning_logs" / "tiny" / "checkpoints" / checkpoints[0], map_location="cpu",
-                      weights_only=False)
+    last = torch.load(folder / checkpoints[0], map_location="cpu", weights_only=False)
     assert last["global_step"] == 2
     assert [g["lr"] for g in last["optimizer_states"][0]["param_groups"]] == [0.0]  # decayed to 0 at step 2 of 2
 
